@@ -1,0 +1,84 @@
+"""The flow's parameters: one typed model, so the Prefect UI renders a form and the CLI
+builds its options from the same fields."""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from gridistill.storage import content_key
+
+
+def demo_data_root() -> str:
+    """The embedded default: a small real ImageNette sample shipped with the package."""
+    return str(resources.files("gridistill") / "demo_data" / "imagenette-mini")
+
+
+class DistillConfig(BaseModel):
+    """Distil an image dataset into IPC grid images per class, then evaluate them."""
+
+    data: str | None = Field(None, description=(
+        "Training images: an ImageFolder directory (one sub-folder per class) or a manifest "
+        "(.csv/.parquet with path,label), local or any fsspec URL (s3://...). "
+        "Default: the embedded ImageNette sample."))
+    test_data: str | None = Field(None, description=(
+        "Real test images in the same layout. Default: the embedded sample's test split with "
+        "the embedded data, else a fixed seeded hold-out share of each class."))
+    class_list: str | None = Field(None, description=(
+        "File fixing the class order (one name/WNID per line, or a CSV with a wnid column). "
+        "Default: sorted folder names; the embedded sample uses its classes.csv."))
+    out: str | None = Field(None, description=(
+        "Run root (local path or fsspec URL). Default: ./runs/<data name>-<hash>, so a rerun "
+        "of the same data reuses every finished stage."))
+    ipc: int = Field(1, ge=1, description="Distilled images (grids) per class.")
+    grid_size: int = Field(4, ge=1, description="L: each grid holds L x L selected images.")
+    methods: list[str] = Field(default_factory=lambda: ["ssdim", "random"],
+                               description="Selection methods to distil and compare.")
+    seed: int = Field(0, description="Seed for selection, hold-out split and training.")
+    holdout_share: float = Field(0.2, ge=0.0, lt=1.0, description=(
+        "Share of each class held out for testing when no test data is given."))
+    embedder: Literal["auto", "clip", "pixels-pca"] = Field("auto", description=(
+        "auto: CLIP when its weights are present, else pixels-pca with a loud warning."))
+    clip_model: str = Field("ViT-B-32", description="open_clip model name.")
+    clip_pretrained: str = Field("laion2b_s34b_b79k", description=(
+        "open_clip pretrained tag, or a local checkpoint file."))
+    grid_resolution: int = Field(224, ge=8, description="Storage resolution of each grid (px).")
+    enhance: str = Field("bilinear", description="Detail enhancement backend for the grids.")
+    enhance_scale: int = Field(4, ge=1, description="Upscaling factor of the enhancement.")
+    eval_student: str = Field("convnet_d3", description="Student network trained on the grids.")
+    eval_protocol: str = Field("cpu-small", description="Evaluation protocol preset.")
+    eval_image_size: int = Field(64, ge=8, description="Training/test resolution of the student.")
+    eval_epochs: int | None = Field(None, ge=1, description="Override the protocol's epochs.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    max_workers: int | None = Field(None, ge=1, description=(
+        "Concurrent class tasks (default: the machine's CPU count, at most 8)."))
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "fsspec options for the run root and data, e.g. {\"endpoint_url\": ...}. "
+        "Never put credentials here: use the environment / AWS credential chain."))
+    progress: bool = Field(True, description="Show progress bars on the terminal.")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> DistillConfig:
+        if self.data is None:
+            demo = demo_data_root()
+            self.data = f"{demo}/train"
+            self.test_data = self.test_data or f"{demo}/test"
+            self.class_list = self.class_list or f"{demo}/classes.csv"
+        if self.out is None:
+            parts = [p for p in self.data.split("/") if p and not p.endswith(":")]
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts[-2:]))
+            self.out = os.path.join("runs", f"{name}-{content_key(self.data, self.test_data)[:8]}")
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def worker_count(self) -> int:
+        return self.max_workers or min(os.cpu_count() or 1, 8)

@@ -1,0 +1,371 @@
+"""The one place that builds pretrained models: ids, local paths, offline checks, one error.
+
+Weight sources resolve in this order (as timm does): an explicit local file or directory,
+then the Hugging Face cache / hub by id. ``HF_HUB_OFFLINE=1`` is respected: offline, only
+what is already on disk is used. A missing source raises :class:`MissingWeightsError`,
+which names the weights and says how to supply them. Nothing here ever falls back to
+random weights; a caller that has a fallback must choose it explicitly and say so.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MissingWeightsError(RuntimeError):
+    """Pretrained weights are not available locally (and could not be downloaded)."""
+
+    def __init__(self, what: str, source: str, how: str, cause: BaseException | None = None):
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        detail = f": {type(cause).__name__}: {cause}" if cause else ""
+        super().__init__(
+            f"Missing pretrained weights for {what} ({source!r}){detail}.\n"
+            f"HF_HUB_OFFLINE={'1' if offline else 'unset/0'}. To supply them: {how}"
+        )
+        self.what, self.source = what, source
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+
+
+def resolve_diffusers_dir(source: str, what: str, how: str) -> str:
+    """A local directory for a diffusers-format model given a local path or a hub id."""
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, local_files_only=hub_offline())
+    except Exception as exc:  # hub errors come in many types; all mean "not available"
+        raise MissingWeightsError(what, source, how, exc) from exc
+
+
+# -- CLIP (open_clip) ----------------------------------------------------------------------
+CLIP_HOW = (
+    "pass --clip-pretrained /path/to/open_clip_model.safetensors (or .bin/.pt), or pre-fill the "
+    "Hugging Face cache for the open_clip tag on a machine with internet "
+    "(e.g. `open_clip.create_model('ViT-B-32', pretrained='laion2b_s34b_b79k')`) and copy "
+    "~/.cache/huggingface here; or choose --embedder pixels-pca explicitly."
+)
+
+
+@dataclass
+class ClipBundle:
+    model: torch.nn.Module
+    preprocess: Any  # torchvision transform: PIL image -> normalised tensor
+    name: str
+    pretrained: str
+
+
+def load_clip(name: str = "ViT-B-32", pretrained: str = "laion2b_s34b_b79k",
+              device: str = "cpu") -> ClipBundle:
+    """An open_clip image encoder with real weights (a tag or a local checkpoint path)."""
+    import open_clip
+
+    is_file = Path(pretrained).expanduser().is_file()
+    if not is_file:
+        tags = {tag for _, tag in open_clip.list_pretrained() if _ == name}
+        if pretrained not in tags:
+            raise MissingWeightsError(
+                f"open_clip {name}", pretrained,
+                f"{pretrained!r} is neither a file nor a known tag of {name} "
+                f"(known: {sorted(tags)}). " + CLIP_HOW,
+            )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=str(Path(pretrained).expanduser()) if is_file else pretrained,
+            device=device,
+        )
+    except MissingWeightsError:
+        raise
+    except Exception as exc:
+        if is_file:
+            raise
+        raise MissingWeightsError(f"open_clip {name}", pretrained, CLIP_HOW, exc) from exc
+    model.eval()
+    return ClipBundle(model=model, preprocess=preprocess, name=name, pretrained=pretrained)
+
+
+# -- Stable Diffusion parts for the one-step enhancement (SD-Turbo) -------------------------
+SD_TURBO_HOW = (
+    "pass a local diffusers-format directory (with unet/, vae/, text_encoder/, tokenizer/, "
+    "scheduler/ subfolders) as --sd-source, or pre-fill the Hugging Face cache on a machine with "
+    "internet (`huggingface-cli download stabilityai/sd-turbo`) and copy ~/.cache/huggingface "
+    "here; or choose --enhance bilinear / bicubic explicitly."
+)
+# The CLIP BPE vocabulary (OpenAI CLIP and OpenCLIP share it): 512 byte tokens (bare and
+# word-final), 48,894 merges and 2 specials. The silent offline placeholder has 2 tokens.
+CLIP_BPE_VOCAB_SIZE = 49408
+CLIP_CONTEXT_LENGTH = 77
+
+
+@dataclass
+class StableDiffusionComponents:
+    """The typed parts a one-step Stable Diffusion enhancement composes (as a diffusers pipeline
+    would hold them), plus where they came from."""
+
+    vae: Any  # diffusers.AutoencoderKL
+    unet: Any  # diffusers.UNet2DConditionModel
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer, vocabulary checked
+    scheduler: Any  # a diffusers scheduler whose set_timesteps accepts `timesteps=`
+    source: str
+
+
+def check_clip_tokenizer(tokenizer: Any) -> Any:
+    """Refuse a tokenizer without the real CLIP BPE vocabulary (returns it unchanged otherwise).
+
+    Offline with an empty cache, ``CLIPTokenizer.from_pretrained(hub_id)`` silently returns a
+    2-token tokenizer that maps every word to <unk>: every prompt would then encode identically
+    and class conditioning would vanish without an error.
+    """
+    size = len(tokenizer)
+    if size < CLIP_BPE_VOCAB_SIZE:
+        raise ValueError(
+            f"CLIP tokenizer has {size} tokens, expected {CLIP_BPE_VOCAB_SIZE} (the CLIP BPE). "
+            "This is the placeholder transformers builds offline without tokenizer files; every "
+            "prompt would map to <unk>. Use gridistill.models.build_clip_tokenizer() (open_clip's "
+            "shipped vocabulary) or a directory with tokenizer/vocab.json and merges.txt."
+        )
+    return tokenizer
+
+
+def build_clip_tokenizer(pad_token: str = "!") -> Any:
+    """A transformers ``CLIPTokenizer`` with the real CLIP BPE, built offline from open_clip.
+
+    open_clip ships the BPE merges (``open_clip.tokenizer.default_bpe()``); its ``SimpleTokenizer``
+    derives the same 49,408-entry vocabulary transformers expects, except that the two special
+    tokens are spelled ``<start_of_text>``/``<end_of_text>`` there. ``pad_token="!"`` (id 0) is
+    what OpenCLIP-based models (SD 2.x, SD-Turbo) pad with; OpenAI-CLIP models pad with
+    ``<|endoftext|>``.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    bpe = SimpleTokenizer()
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): index for token, index in bpe.encoder.items()}
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=CLIP_CONTEXT_LENGTH
+    )
+    return check_clip_tokenizer(tokenizer)
+
+
+def load_sd_turbo(source: str = "stabilityai/sd-turbo", device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> StableDiffusionComponents:
+    """SD-Turbo's (or any SD 1.x/2.x diffusers model's) VAE, UNet, text encoder, tokenizer and
+    scheduler, from a local directory or a hub id (offline: the cache only).
+
+    Raises :class:`MissingWeightsError` before loading anything heavy when a part is absent.
+    """
+    import json
+    import logging
+
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    what = "Stable Diffusion (SD-Turbo) VAE/UNet/text encoder"
+    root = Path(resolve_diffusers_dir(source, what, SD_TURBO_HOW))
+    config_files = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                    "scheduler": "scheduler_config.json"}
+    missing = [part for part, name in config_files.items() if not (root / part / name).is_file()]
+    if missing:
+        raise MissingWeightsError(what, source, f"{root} lacks {missing}. " + SD_TURBO_HOW)
+    try:
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype,
+                                            local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype,
+                                                    local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder",
+                                                     dtype=dtype, local_files_only=True)
+    except OSError as exc:  # a config without its weight file
+        raise MissingWeightsError(what, source, SD_TURBO_HOW, exc) from exc
+    scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    if (root / "tokenizer" / "vocab.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer",
+                                                  local_files_only=True)
+    else:
+        logging.getLogger(__name__).warning(
+            "%s has no tokenizer/vocab.json: using the CLIP BPE shipped with open_clip", root)
+        tokenizer = build_clip_tokenizer()
+    check_clip_tokenizer(tokenizer)
+    for module in (vae, unet, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return StableDiffusionComponents(vae=vae, unet=unet, text_encoder=text_encoder,
+                                     tokenizer=tokenizer, scheduler=scheduler, source=str(source))
+
+
+# -- InvSR's noise predictor (the optional start-noise network of the one-step inversion) -----
+INVSR_NOISE_PREDICTOR_HOW = (
+    "download noise_predictor_sd_turbo_v5.pth from https://huggingface.co/OAOA/InvSR on a machine "
+    "with internet, copy it here and pass its path as --noise-predictor; or leave it unset to "
+    "noise with seeded Gaussian noise (the equivalence-tested path)."
+)
+# InvSR's released start-noise predictor: its configs/sample-sd-turbo.yaml, `model_start.params`.
+INVSR_NOISE_PREDICTOR_CONFIG: dict[str, Any] = {
+    "block_out_channels": (256, 512), "layers_per_block": (3, 3), "latent_channels": 4,
+    "norm_num_groups": 32, "temb_channels": 512, "attention_head_dim": 64,
+}
+
+
+class InvSRNoisePredictor(torch.nn.Module):
+    """InvSR's noise predictor f_w(y0, τ): a time-conditioned VAE-style encoder of the
+    low-resolution image that outputs a Gaussian over latent-space noise.
+
+    Built from diffusers' own blocks (sinusoidal timestep embedding, ``AttnDownBlock2D``,
+    ``UNetMidBlock2D``); module names follow InvSR's ``NoisePredictor`` so that its released
+    state dict loads strictly. Each down block after the first halves the resolution, so with two
+    blocks the output sits at 1/2 of the low-resolution input = 1/8 of the ×4 output, i.e. on
+    the SD latent grid.
+    """
+
+    def __init__(self, block_out_channels: tuple[int, ...] = (256, 512),
+                 layers_per_block: tuple[int, ...] = (3, 3), latent_channels: int = 4,
+                 norm_num_groups: int = 32, temb_channels: int = 512,
+                 attention_head_dim: int = 64, in_channels: int = 3):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
+
+        encoder = torch.nn.Module()
+        time_dim = max(128, block_out_channels[0])
+        encoder.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        encoder.time_embedding = TimestepEmbedding(time_dim, temb_channels)
+        encoder.conv_in = torch.nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
+        encoder.down_blocks = torch.nn.ModuleList()
+        previous = block_out_channels[0]
+        for index, (channels, layers) in enumerate(zip(block_out_channels, layers_per_block,
+                                                       strict=True)):
+            encoder.down_blocks.append(get_down_block(
+                "AttnDownBlock2D", num_layers=layers, in_channels=previous, out_channels=channels,
+                temb_channels=temb_channels, add_downsample=index < len(block_out_channels) - 1,
+                resnet_eps=1e-6, resnet_act_fn="silu", resnet_groups=norm_num_groups,
+                downsample_padding=0, attention_head_dim=attention_head_dim,
+            ))
+            previous = channels
+        encoder.mid_block = UNetMidBlock2D(
+            in_channels=previous, temb_channels=temb_channels, resnet_eps=1e-6,
+            resnet_act_fn="silu", resnet_groups=norm_num_groups,
+            attention_head_dim=attention_head_dim, add_attention=True,
+        )
+        encoder.conv_norm_out = torch.nn.GroupNorm(norm_num_groups, previous, eps=1e-6)
+        encoder.conv_act = torch.nn.SiLU()
+        # Mean and log-variance of the noise, as a VAE encoder's `double_z` output.
+        encoder.conv_out = torch.nn.Conv2d(previous, 2 * latent_channels, 3, padding=1)
+        self.encoder = encoder
+        self.downscale = 2 ** (len(block_out_channels) - 1)
+
+    def forward(self, low_res: torch.Tensor, timestep: int) -> Any:
+        """``low_res`` in [0, 1], (B, 3, h, w); returns a ``DiagonalGaussianDistribution`` over
+        noise of shape (B, latent_channels, h / downscale, w / downscale)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        enc = self.encoder
+        timesteps = torch.full((low_res.shape[0],), timestep, device=low_res.device)
+        # The sinusoidal projection is float32; the embedding MLP may run in half precision.
+        emb = enc.time_embedding(enc.time_proj(timesteps).to(enc.conv_in.weight.dtype))
+        hidden = enc.conv_in(low_res * 2 - 1)
+        for block in enc.down_blocks:
+            hidden, _ = block(hidden, emb)
+        hidden = enc.mid_block(hidden, emb)
+        moments = enc.conv_out(enc.conv_act(enc.conv_norm_out(hidden)))
+        return DiagonalGaussianDistribution(moments)
+
+
+def load_invsr_noise_predictor(path: str | Path, device: str | torch.device = "cpu",
+                               dtype: torch.dtype = torch.float32,
+                               config: dict[str, Any] | None = None) -> InvSRNoisePredictor:
+    """InvSR's noise predictor from a ``.pth``/``.pt`` (loaded with ``weights_only=True``: tensors
+    only, never pickled code) or ``.safetensors`` file; ``config`` overrides the released
+    architecture (tests use a tiny one). Keys may carry a ``state_dict`` wrapper and the
+    ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefixes; the load is strict."""
+    file = Path(path).expanduser()
+    what = "InvSR noise predictor (noise_predictor_sd_turbo_v5.pth)"
+    if not file.is_file():
+        raise MissingWeightsError(what, str(path), INVSR_NOISE_PREDICTOR_HOW)
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = {key.removeprefix("module.").removeprefix("_orig_mod."): value
+             for key, value in state.items()}
+    model = InvSRNoisePredictor(**(config or INVSR_NOISE_PREDICTOR_CONFIG))
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -- DiT for DIVER refinement ---------------------------------------------------------------
+DIT_HOW = (
+    "pass a local diffusers-format DiT directory (with transformer/ and scheduler/ subfolders, "
+    "e.g. a copy of facebook/DiT-XL-2-256) as --dit, or pre-fill the Hugging Face cache on a "
+    "machine with internet (`huggingface-cli download facebook/DiT-XL-2-256`) and copy "
+    "~/.cache/huggingface here."
+)
+DIT_VAE_HOW = (
+    "pass a local diffusers-format AutoencoderKL directory (config.json and weights at its root, "
+    "or a pipeline directory with a vae/ subfolder) as --vae, or pre-fill the Hugging Face cache "
+    "(`huggingface-cli download stabilityai/sd-vae-ft-mse`) and copy ~/.cache/huggingface here."
+)
+
+
+@dataclass
+class DiTBundle:
+    """A class-conditional DiT, its latent VAE and a DDIM scheduler, plus their sources."""
+
+    transformer: Any  # diffusers.DiTTransformer2DModel (num_embeds_ada_norm real classes + null)
+    vae: Any  # diffusers.AutoencoderKL
+    scheduler: Any  # diffusers.DDIMScheduler
+    source: str
+    vae_source: str
+
+
+def load_dit(source: str = "facebook/DiT-XL-2-256", vae: str = "stabilityai/sd-vae-ft-mse",
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiTBundle:
+    """DiT (transformer + its scheduler config, always as a ``DDIMScheduler``) and a VAE, each
+    from a local directory or a hub id (offline: the cache only).
+
+    Raises :class:`MissingWeightsError` before loading anything heavy when a part is absent.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    what = "DiT transformer/scheduler"
+    root = Path(resolve_diffusers_dir(source, what, DIT_HOW))
+    missing = [part for part, config in (("transformer", "config.json"),
+                                         ("scheduler", "scheduler_config.json"))
+               if not (root / part / config).is_file()]
+    if missing:
+        raise MissingWeightsError(what, source, f"{root} lacks {missing}. " + DIT_HOW)
+    vae_what = "DiT latent VAE"
+    vae_root = Path(resolve_diffusers_dir(vae, vae_what, DIT_VAE_HOW))
+    vae_subfolder = "vae" if (vae_root / "vae" / "config.json").is_file() else None
+    if not (vae_root / (vae_subfolder or "") / "config.json").is_file():
+        raise MissingWeightsError(vae_what, vae, f"{vae_root} has no config.json. " + DIT_VAE_HOW)
+    try:
+        transformer = DiTTransformer2DModel.from_pretrained(
+            root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    except OSError as exc:  # a config without its weight file
+        raise MissingWeightsError(what, source, DIT_HOW, exc) from exc
+    try:
+        autoencoder = AutoencoderKL.from_pretrained(
+            vae_root, subfolder=vae_subfolder, torch_dtype=dtype, local_files_only=True)
+    except OSError as exc:
+        raise MissingWeightsError(vae_what, vae, DIT_VAE_HOW, exc) from exc
+    # DIVER is defined on DDIM: read the DiT's noise schedule but always step with DDIM.
+    scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler")
+    for module in (transformer, autoencoder):
+        module.to(device).eval().requires_grad_(False)
+    return DiTBundle(transformer=transformer, vae=autoencoder, scheduler=scheduler,
+                     source=str(source), vae_source=str(vae))

@@ -1,0 +1,151 @@
+"""What every stage task shares: artifact references, content keys, caching, timing.
+
+A stage is a function ``compute(store, folder, scope, params, upstream) -> metadata`` that
+writes its outputs under ``folder``. :func:`stage_task` turns it into a Prefect task that
+
+- derives the artifact key from the stage name, the source of the stage's module (code
+  version), the parameters that affect the result, and the upstream artifact keys;
+- returns the committed artifact at once when the run root already has it;
+- otherwise computes, then commits (marker last, so a crash never leaves a "finished" folder);
+- lets Prefect report the task as ``Cached`` whenever the run root holds the artifact.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from pydantic import BaseModel, Field
+
+import gridistill
+from gridistill.storage import RunStore, content_key, validate_key_part
+
+# Parameters that change how fast a stage runs, never what it produces.
+NON_KEY_FIELDS = frozenset({"device", "batch_size", "progress"})
+
+
+class StoreSpec(BaseModel):
+    """Where the run root lives. Credentials never go here: they come from the environment."""
+
+    root: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    def open(self) -> RunStore:
+        return _open_store(self.root, tuple(sorted(self.storage_options.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_store(root: str, options: tuple[tuple[str, Any], ...]) -> RunStore:
+    return RunStore(root, dict(options))
+
+
+class ArtifactRef(BaseModel):
+    """A committed stage output, passed between tasks instead of the data itself."""
+
+    stage: str
+    scope: str
+    key: str
+    folder: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@functools.cache
+def module_version(module_name: str) -> str:
+    """The code version of a stage: a hash of its module's source and the package version."""
+    source = inspect.getsource(importlib.import_module(module_name))
+    return hashlib.sha256(f"{gridistill.__version__}\n{source}".encode()).hexdigest()[:12]
+
+
+def key_params(params: BaseModel) -> dict[str, Any]:
+    return params.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
+
+
+def stage_key(stage: str, version: str, params: BaseModel, upstream: Sequence[ArtifactRef]) -> str:
+    return content_key(stage, version, key_params(params), [u.key for u in upstream])
+
+
+def stage_folder(stage: str, scope: str, key: str) -> str:
+    return f"{stage}/{validate_key_part(scope)}/{key}"
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow or task run (e.g. `.fn(...)` in a unit test)
+        return logging.getLogger("gridistill")
+
+
+StageCompute = Callable[[RunStore, str, str, Any, list[ArtifactRef]], dict[str, Any]]
+
+
+def run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str, params: BaseModel,
+              upstream: Sequence[ArtifactRef]) -> ArtifactRef:
+    """Return the committed artifact for these inputs, computing it only if missing."""
+    version = module_version(compute.__module__)
+    key = stage_key(stage, version, params, upstream)
+    folder = stage_folder(stage, scope, key)
+    run_store = store.open()
+    log = _logger()
+    if run_store.is_committed(folder):
+        log.info("%s[%s]: reusing %s", stage, scope, run_store.url(folder))
+        return ArtifactRef(stage=stage, scope=scope, key=key, folder=folder,
+                           meta=run_store.read_commit(folder).get("meta", {}))
+    started = time.perf_counter()
+    meta = compute(run_store, folder, scope, params, list(upstream))
+    seconds = time.perf_counter() - started
+    run_store.commit(folder, {
+        "stage": stage, "scope": scope, "key": key, "code_version": version,
+        "params": key_params(params), "upstream": [u.key for u in upstream],
+        "seconds": seconds, "meta": meta,
+    })
+    log.info("%s[%s]: computed in %.2fs -> %s", stage, scope, seconds, run_store.url(folder))
+    return ArtifactRef(stage=stage, scope=scope, key=key, folder=folder, meta=meta, seconds=seconds)
+
+
+def _cache_key(stage: str, compute: StageCompute) -> Callable[[TaskRunContext, dict], str | None]:
+    def cache_key(context: TaskRunContext, parameters: Mapping[str, Any]) -> str | None:
+        store: StoreSpec = parameters["store"]
+        upstream = parameters["upstream"]
+        key = stage_key(stage, module_version(compute.__module__), parameters["params"], upstream)
+        # Only claim a cache hit that the run root can back: if the artifact was deleted or
+        # never committed, returning None makes Prefect run the task (which recomputes it).
+        if not store.open().is_committed(stage_folder(stage, parameters["scope"], key)):
+            return None
+        return content_key(store.root, key)
+
+    return cache_key
+
+
+def stage_task(stage: str, *, retries: int = 2, tags: Sequence[str] = ()) -> Callable:
+    """Decorate a stage's compute function into a cached Prefect task (see module doc)."""
+
+    def decorate(compute: StageCompute):
+        def run(store: StoreSpec, scope: str, params: BaseModel,
+                upstream: list[ArtifactRef]) -> ArtifactRef:
+            return run_stage(stage, compute, store, scope, params, upstream)
+
+        run.__name__ = run.__qualname__ = compute.__name__
+        run.__module__, run.__doc__ = compute.__module__, compute.__doc__
+        return task(
+            name=stage,
+            task_run_name=f"{stage}[{{scope}}]",
+            cache_key_fn=_cache_key(stage, compute),
+            persist_result=True,
+            result_serializer="json",
+            retries=retries,
+            retry_delay_seconds=[2, 10, 30][:retries] or 0,
+            tags=[f"stage:{stage}", *tags],
+        )(run)
+
+    return decorate

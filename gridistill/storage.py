@@ -1,0 +1,128 @@
+"""The one storage module: fsspec URLs, atomic writes, content-derived keys.
+
+Every stage writes under one run root (a local directory or any fsspec URL such as
+``s3://bucket/prefix``). An artifact is a folder ``<stage>/<scope>/<key>/`` whose key is a
+hash of everything that determines its content (dataset fingerprint, stage parameters,
+upstream keys, code version). A folder only counts as finished once its ``_COMMITTED.json``
+marker exists; the marker is written last, so a crash mid-stage leaves an uncommitted folder
+that the next run simply rewrites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
+
+COMMIT_MARKER = "_COMMITTED.json"
+
+
+def content_key(*parts: Any) -> str:
+    """A short, stable hash of JSON-serialisable parts (dict key order does not matter)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def validate_key_part(name: str) -> str:
+    """Reject names that could escape their folder once they become part of a storage key."""
+    bad = not name.strip() or name == "." or ".." in name or any(c in name for c in "/\\\x00")
+    if bad:
+        raise ValueError(f"invalid name for a storage key (no '/', '\\', '..' or NUL): {name!r}")
+    return name
+
+
+class RunStore:
+    """A run root on any fsspec filesystem.
+
+    ``storage_options`` are passed to fsspec (for S3: ``endpoint_url`` via
+    ``client_kwargs``, ``anon``...); credentials should come from the environment or the AWS
+    credential chain and are never written anywhere.
+    """
+
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.root_url = root.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **self.storage_options)
+        self._local = isinstance(self.fs, LocalFileSystem)
+
+    # -- paths -----------------------------------------------------------------------------
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def url(self, key: str) -> str:
+        return f"{self.root_url}/{key}" if key else self.root_url
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys (relative to the root) directly under ``prefix``; empty if it does not exist."""
+        try:
+            entries = self.fs.ls(self.path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        start = len(self.root) + 1
+        return sorted(e[start:] if e.startswith(self.root) else e for e in entries)
+
+    # -- bytes -----------------------------------------------------------------------------
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write atomically: a reader sees either nothing or the whole object."""
+        path = self.path(key)
+        if self._local:
+            directory = os.path.dirname(path)
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                # A kill -9 can still leave a ".tmp-" file; it is never read as an artifact.
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+        else:
+            # An object-store PUT is all-or-nothing, so a direct write is already atomic.
+            self.fs.pipe_file(path, data)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self.path(key))
+
+    # -- typed helpers ---------------------------------------------------------------------
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_parquet(self, key: str, frame: pd.DataFrame) -> None:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        self.write_bytes(key, buffer.getvalue())
+
+    def read_parquet(self, key: str) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(self.read_bytes(key)))
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode())
+
+    # -- committed artifact folders --------------------------------------------------------
+    def is_committed(self, folder: str) -> bool:
+        return self.exists(f"{folder}/{COMMIT_MARKER}")
+
+    def commit(self, folder: str, metadata: Mapping[str, Any]) -> None:
+        """Mark ``folder`` finished. Call only after every file in it has been written."""
+        self.write_json(f"{folder}/{COMMIT_MARKER}", dict(metadata))
+
+    def read_commit(self, folder: str) -> dict[str, Any]:
+        return self.read_json(f"{folder}/{COMMIT_MARKER}")

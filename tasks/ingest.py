@@ -1,0 +1,268 @@
+"""Input discovery and validation: ImageFolder trees or manifests, on any fsspec URL.
+
+Class order is the sorted folder order unless a class-list file is given (e.g. ImageNet
+WNIDs). Teachers and class-conditional generators index classes by that order, so it is
+fixed once, here, and carried as integer labels everywhere after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from prefect import task
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from gridistill.stages import ArtifactRef, StoreSpec, stage_task
+from gridistill.storage import RunStore, content_key, validate_key_part
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MANIFEST_EXTENSIONS = (".csv", ".parquet")
+# Refuse absurd images before decoding them (PIL's own bomb check is a warning at 89 MP).
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    name: str  # folder name / manifest label, e.g. a WNID; used in storage keys
+    label: int  # index in the class order
+    display_name: str  # human-readable, used in prompts and reports
+
+
+def read_class_list(url: str,
+                    storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(name, display name) pairs from a class-list file.
+
+    Accepted: a text file with one name per line (``n01440764`` or ``n01440764 tench``), or a
+    CSV with a ``wnid`` or ``name`` column (and optionally a human-readable ``name`` column).
+    """
+    with fsspec.open(url, "rt", **(storage_options or {})) as f:
+        text = f.read()
+    if url.endswith(".csv"):
+        frame = pd.read_csv(io.StringIO(text), dtype=str)
+        key = "wnid" if "wnid" in frame.columns else frame.columns[0]
+        names = frame[key].tolist()
+        display = frame["name"].tolist() if "name" in frame.columns and key != "name" else names
+        return list(zip(names, display, strict=True))
+    pairs = []
+    for line in text.splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if parts:
+            pairs.append((parts[0], parts[1] if len(parts) > 1 else parts[0]))
+    return pairs
+
+
+def list_samples(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    """All image samples of an ImageFolder tree or a manifest, as ``path, class_name, size``.
+
+    A manifest is a CSV/Parquet with ``path,label`` columns; relative paths are resolved
+    against the manifest's folder. Paths are returned as full URLs for ``fsspec.open``.
+    """
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    if root.endswith(MANIFEST_EXTENSIONS):
+        return _read_manifest(fs, root, protocol)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"no ImageFolder directory or manifest at {url!r}")
+    rows = []
+    for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+        if entry["type"] != "directory":
+            continue
+        class_name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        for item in sorted(fs.find(entry["name"], detail=True).values(), key=lambda e: e["name"]):
+            if item["name"].lower().endswith(IMAGE_EXTENSIONS):
+                rows.append((protocol + item["name"], class_name, int(item.get("size") or 0)))
+    if not rows:
+        raise ValueError(f"no images found under {url!r} (expected <root>/<class>/<image>)")
+    return pd.DataFrame(rows, columns=["path", "class_name", "size"])
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, protocol: str) -> pd.DataFrame:
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".csv"):
+        frame = pd.read_csv(io.BytesIO(raw), dtype={"path": str, "label": str})
+    else:
+        frame = pd.read_parquet(io.BytesIO(raw))
+    missing = {"path", "label"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"manifest {path!r} lacks column(s) {sorted(missing)}")
+    frame = frame[["path", "label"]].dropna().astype(str)
+    duplicates = frame.duplicated("path")
+    if duplicates.any():
+        warnings.warn(f"manifest {path!r}: dropped {int(duplicates.sum())} duplicate rows",
+                      stacklevel=2)
+        frame = frame[~duplicates]
+    base = path.rsplit("/", 1)[0]
+    resolved = [p if "://" in p or p.startswith("/") else f"{base}/{p}" for p in frame["path"]]
+    resolved = [p if "://" in p else protocol + p for p in resolved]
+    return pd.DataFrame({"path": resolved, "class_name": frame["label"].tolist(), "size": 0})
+
+
+def resolve_classes(found: Iterable[str], class_list: Sequence[tuple[str, str]] | None = None,
+                    display_names: dict[str, str] | None = None) -> list[ClassInfo]:
+    """The class order: the class list's order if given, else sorted names.
+
+    With a class list, labels are positions in that list (so a subset of ImageNet keeps its
+    ImageNet indices) and an unknown class in the data is an error.
+    """
+    found = sorted(set(found))
+    for name in found:
+        validate_key_part(name)
+    if class_list is None:
+        names = display_names or {}
+        return [ClassInfo(n, i, names.get(n, n)) for i, n in enumerate(found)]
+    order = {name: (i, display) for i, (name, display) in enumerate(class_list)}
+    unknown = [n for n in found if n not in order]
+    if unknown:
+        raise ValueError(f"classes not in the class list: {unknown[:10]}")
+    return sorted((ClassInfo(n, *order[n]) for n in found), key=lambda c: c.label)
+
+
+def holdout_mask(paths: Sequence[str], share: float, seed: int, class_name: str) -> list[bool]:
+    """A fixed, seeded choice of ``share`` of a class's images to hold out for testing."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"holdout share must be in [0, 1), got {share}")
+    order = sorted(range(len(paths)), key=lambda i: paths[i])
+    # Seed from the class name too, so classes do not share one permutation pattern.
+    rng = random.Random(f"{seed}:{class_name}")
+    rng.shuffle(order)
+    n_test = int(round(share * len(paths)))
+    test = set(order[:n_test])
+    return [i in test for i in range(len(paths))]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image | None  # RGB, or None when unreadable
+    sha256: str
+    error: str | None
+
+
+def decode_image(data: bytes) -> DecodedImage:
+    """Decode bytes to an RGB image; problems are reported, never raised."""
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return DecodedImage(None, digest, "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        transparent = image.mode == "P" and "transparency" in image.info
+        if image.mode in ("RGBA", "LA", "PA") or transparent:
+            # Composite onto white so transparent regions do not turn black.
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        if image.mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bits, do not clip
+            pixels = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray((pixels * 255.0 / max(pixels.max(), 1.0)).astype(np.uint8))
+        return DecodedImage(image.convert("RGB"), digest, None)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return DecodedImage(None, digest, f"{type(exc).__name__}: {exc}")
+
+
+def read_image(path: str, storage_options: dict[str, Any] | None = None) -> DecodedImage:
+    """Read and decode one image from any fsspec URL."""
+    try:
+        with fsspec.open(path, "rb", **(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError as exc:
+        return DecodedImage(None, "", f"missing file: {exc}")
+    return decode_image(data)
+
+
+# -- Prefect tasks ---------------------------------------------------------------------------
+class IndexParams(BaseModel):
+    data: str
+    test_data: str | None = None
+    class_list: str | None = None
+    holdout_share: float = 0.2
+    seed: int = 0
+
+
+@task(name="index-dataset", retries=2, retry_delay_seconds=[2, 10])
+def index_dataset(store: StoreSpec, params: IndexParams) -> ArtifactRef:
+    """List the data once, fix the class order and the test split; write per-class manifests.
+
+    Always runs (listing is what detects changed data); its key is the listing's content, so
+    an unchanged dataset maps to the same folder and every later stage stays cached.
+    """
+    log = get_run_logger()
+    options = store.storage_options
+    pool = list_samples(params.data, options)
+    pairs = read_class_list(params.class_list, options) if params.class_list else None
+    classes = resolve_classes(pool["class_name"], pairs)
+    labels = {c.name: c.label for c in classes}
+    if params.test_data:
+        test = list_samples(params.test_data, options)
+        unknown = sorted(set(test["class_name"]) - set(labels))
+        if unknown:
+            raise ValueError(f"test classes not among the training classes: {unknown[:10]}")
+        frame = pd.concat([pool.assign(split="pool"), test.assign(split="test")])
+    else:
+        frame = pool.assign(split="pool")
+        for name, rows in frame.groupby("class_name"):
+            mask = holdout_mask(rows["path"].tolist(), params.holdout_share, params.seed, name)
+            frame.loc[rows.index[mask], "split"] = "test"
+    frame = frame.assign(label=frame["class_name"].map(labels)).reset_index(drop=True)
+    class_rows = [[c.name, c.label, c.display_name] for c in classes]
+    key = content_key(frame[["path", "size", "class_name", "split"]].values.tolist(), class_rows)
+    folder = f"dataset/{key}"
+    run_store = store.open()
+    if not run_store.is_committed(folder):
+        for name, rows in frame.groupby("class_name"):
+            run_store.write_parquet(f"{folder}/classes/{name}.parquet", rows)
+        run_store.write_parquet(f"{folder}/test.parquet", frame[frame["split"] == "test"])
+        run_store.commit(folder, {"key": key, "classes": class_rows, "params": params.model_dump()})
+    counts = frame.groupby("split").size().to_dict()
+    log.info("dataset %s: %d classes, %s images (%s)", key, len(classes), counts, params.data)
+    return ArtifactRef(stage="dataset", scope="all", key=key, folder=folder,
+                       meta={"classes": class_rows, "counts": counts,
+                             "num_classes": len(pairs) if pairs else len(classes)})
+
+
+class LoadParams(BaseModel):
+    min_side: int = 8  # images smaller than this are skipped (they would be mostly upsampling)
+
+
+@stage_task("load")
+def load_class(store: RunStore, folder: str, scope: str, params: LoadParams,
+               upstream: list[ArtifactRef]) -> dict[str, Any]:
+    """Decode and validate one class's pool images; report every skipped file and why."""
+    (dataset,) = upstream
+    rows = store.read_parquet(f"{dataset.folder}/classes/{scope}.parquet")
+    rows = rows[rows["split"] == "pool"]
+    kept, skipped, seen = [], [], {}
+    for path in tqdm(rows["path"], desc=f"load {scope}", unit="img", leave=False):
+        decoded = read_image(path, store.storage_options)
+        reason = decoded.error
+        if reason is None and min(decoded.image.size) < params.min_side:
+            reason = f"smaller than {params.min_side}px: {decoded.image.size}"
+        if reason is None and decoded.sha256 in seen:
+            reason = f"exact duplicate of {seen[decoded.sha256]}"
+        if reason is not None:
+            skipped.append((path, reason))
+            continue
+        seen[decoded.sha256] = path
+        kept.append((len(kept), path, decoded.sha256, *decoded.image.size))
+    if not kept:
+        raise ValueError(f"class {scope!r} has no usable images ({len(skipped)} skipped)")
+    store.write_parquet(f"{folder}/images.parquet", pd.DataFrame(
+        kept, columns=["image_id", "path", "sha256", "width", "height"]))
+    skipped_frame = pd.DataFrame(skipped, columns=["path", "reason"])
+    store.write_parquet(f"{folder}/skipped.parquet", skipped_frame)
+    return {"images": len(kept), "skipped": len(skipped)}

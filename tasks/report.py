@@ -1,0 +1,70 @@
+"""The run report: accuracy table, timings, contact sheets, warnings; as files and artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from gridistill.stages import ArtifactRef, StoreSpec
+from gridistill.storage import RunStore
+from tasks.grids import read_grid_images, write_png
+
+
+def contact_sheet(images: Sequence[Image.Image], columns: int = 5, size: int = 160) -> Image.Image:
+    """Tile images (one per class) into rows of ``columns`` thumbnails."""
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * size, rows * size), "white")
+    for index, image in enumerate(images):
+        row, col = divmod(index, columns)
+        sheet.paste(image.resize((size, size), Image.LANCZOS), (col * size, row * size))
+    return sheet
+
+
+def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, sheets: dict[str, str],
+                  notes: Sequence[str], summary: dict[str, Any]) -> str:
+    """Markdown: setup, warnings, accuracy per method, contact sheets, stage timings."""
+    lines = ["# gridistill run report", ""]
+    lines += [f"- **{k}**: {v}" for k, v in summary.items()]
+    if notes:
+        lines += ["", "## Warnings", ""] + [f"> **{note}**" for note in notes]
+    lines += ["", "## Accuracy on real test images", "",
+              "Top-1 (%) of the student trained from scratch on the distilled grids. `final` is "
+              "the last epoch, `best` the best epoch (peers such as RDED report best).", ""]
+    lines += [metrics.to_markdown(index=False, floatfmt=".2f"), ""]
+    lines += ["## Distilled grids (first grid of each class)", ""]
+    lines += [f"**{method}**\n\n![{method}]({path})\n" for method, path in sheets.items()]
+    stage_totals = (timings.groupby(["stage", "status"])["seconds"].agg(["count", "sum"])
+                    .reset_index().rename(columns={"count": "tasks", "sum": "seconds"}))
+    lines += ["## Stage timings", "", stage_totals.to_markdown(index=False, floatfmt=".2f"), ""]
+    return "\n".join(lines)
+
+
+@task(name="report", retries=2, retry_delay_seconds=[2, 10])
+def write_report(store: StoreSpec, evaluations: list[ArtifactRef],
+                 grids: dict[str, list[ArtifactRef]], timings: list[dict[str, Any]],
+                 notes: list[str], summary: dict[str, Any]) -> str:
+    """Write report.md, metrics.parquet, timings.parquet and contact sheets at the run root,
+    and publish the report and timing table as Prefect artifacts. Returns the report URL."""
+    run_store: RunStore = store.open()
+    metrics = pd.DataFrame([{"method": ref.scope, **ref.meta["metrics"]} for ref in evaluations])
+    timing_frame = pd.DataFrame(timings)
+    sheets = {}
+    for method, refs in grids.items():
+        firsts = [read_grid_images(run_store, ref)[0] for ref in refs]
+        sheets[method] = f"contact_sheet_{method}.png"
+        write_png(run_store, sheets[method], contact_sheet(firsts))
+    report = render_report(metrics, timing_frame, sheets, notes, summary)
+    run_store.write_parquet("metrics.parquet", metrics)
+    run_store.write_parquet("timings.parquet", timing_frame)
+    run_store.write_text("report.md", report)
+    create_table_artifact(key="gridistill-timings", table=timing_frame.to_dict("records"),
+                          description="Per-class, per-stage timings (Cached = reused).")
+    create_markdown_artifact(key="gridistill-report", markdown=report.replace(
+        "](contact_sheet_", f"]({run_store.url('')}/contact_sheet_"),
+        description=f"Run report; files under {run_store.url('')}")
+    return run_store.url("report.md")
