@@ -40,7 +40,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
                                clip_pretrained=config.clip_pretrained, device=device)
     notes = [f"EMBEDDER FALLBACK: {embedder.fallback_reason}"] if embedder.fallback_reason else []
 
-    loaded = load_class.map(unmapped(store), classes, unmapped(LoadParams()), [[dataset]] * len(classes))
+    loaded = load_class.map(unmapped(store), classes, unmapped(LoadParams()),
+                            [[dataset]] * len(classes))
     embedded = embed_class.map(unmapped(store), classes, unmapped(EmbedParams(
         embedder=embedder.name.split(":")[0], clip_model=config.clip_model,
         clip_pretrained=config.clip_pretrained, device=device, progress=config.progress,
@@ -56,8 +57,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         )), _chain(selected))
         enhanced = enhance_class.map(unmapped(store), classes, unmapped(EnhanceParams(
             backend=config.enhance, scale=config.enhance_scale, seed=config.seed, device=device,
-            class_names={name: display for name, _, display in dataset.meta["classes"]},
-        )), _chain(grids))
+            progress=config.progress,
+        )), [[future, dataset] for future in grids])
         evaluations.append(evaluate_grids.submit(store, method, EvalParams(
             student=config.eval_student, protocol=config.eval_protocol, grid_size=config.grid_size,
             image_size=config.eval_image_size, epochs=config.eval_epochs, seed=config.seed,
@@ -77,7 +78,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             "classes": len(classes), "ipc": config.ipc, "grid": f"{config.grid_size}x"
             f"{config.grid_size} at {config.grid_resolution}px", "embedder": embedder.name,
             "enhance": f"{config.enhance} x{config.enhance_scale}",
-            "student": f"{config.eval_student} ({config.eval_protocol}, {config.eval_image_size}px)",
+            "student": f"{config.eval_student}, {config.eval_protocol} protocol, "
+            f"{config.eval_image_size}px",
             "run root": config.out})
     log.info("report: %s", report_url)
     return {"report": report_url, "metrics": [e.meta["metrics"] | {"method": e.scope}

@@ -66,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"gridistill: distilling {config.data} -> {config.out} (Prefect: {where})")
     started = time.perf_counter()
     result = run_distill(config)
-    print(f"\ngridistill: finished in {time.perf_counter() - started:.1f}s; report: {result['report']}")
+    seconds = time.perf_counter() - started
+    print(f"\ngridistill: finished in {seconds:.1f}s; report: {result['report']}")
     for row in result["metrics"]:
         print(f"  {row['method']:>10}: top-1 final {row['top1_final']:.2f}%  "
               f"best {row['top1_best']:.2f}%")
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="distil a dataset end to end (Prefect flow)",
                               description=DistillConfig.__doc__)
     add_config_options(run)
-    run.set_defaults(handler=_run)
+    run.set_defaults(func=_run)
     from gridistill.cli_refine import add_refine_parser
 
     add_refine_parser(commands)
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

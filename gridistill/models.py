@@ -190,12 +190,13 @@ def load_sd_turbo(source: str = "stabilityai/sd-turbo", device: str | torch.devi
         raise MissingWeightsError(what, source, SD_TURBO_HOW, exc) from exc
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    if (root / "tokenizer" / "vocab.json").is_file():
+    tokenizer_files = ("vocab.json", "tokenizer.json", "tokenizer_config.json")
+    if any((root / "tokenizer" / name).is_file() for name in tokenizer_files):
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer",
                                                   local_files_only=True)
     else:
         logging.getLogger(__name__).warning(
-            "%s has no tokenizer/vocab.json: using the CLIP BPE shipped with open_clip", root)
+            "%s has no tokenizer/: using the CLIP BPE shipped with open_clip", root)
         tokenizer = build_clip_tokenizer()
     check_clip_tokenizer(tokenizer)
     for module in (vae, unet, text_encoder):

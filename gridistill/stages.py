@@ -7,7 +7,8 @@ writes its outputs under ``folder``. :func:`stage_task` turns it into a Prefect 
   version), the parameters that affect the result, and the upstream artifact keys;
 - returns the committed artifact at once when the run root already has it;
 - otherwise computes, then commits (marker last, so a crash never leaves a "finished" folder);
-- lets Prefect report the task as ``Cached`` whenever the run root holds the artifact.
+- uses the same key as Prefect's cache key, so a rerun reports every finished task as
+  ``Cached``. (An artifact deleted by hand behind Prefect's back needs a refreshed run.)
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def key_params(params: BaseModel) -> dict[str, Any]:
     return params.model_dump(mode="json", exclude=set(NON_KEY_FIELDS))
 
 
-def stage_key(stage: str, version: str, params: BaseModel, upstream: Sequence[ArtifactRef]) -> str:
-    return content_key(stage, version, key_params(params), [u.key for u in upstream])
+def stage_key(stage: str, version: str, scope: str, params: BaseModel,
+              upstream: Sequence[ArtifactRef]) -> str:
+    return content_key(stage, version, scope, key_params(params), [u.key for u in upstream])
 
 
 def stage_folder(stage: str, scope: str, key: str) -> str:
@@ -93,7 +95,7 @@ def run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str, p
               upstream: Sequence[ArtifactRef]) -> ArtifactRef:
     """Return the committed artifact for these inputs, computing it only if missing."""
     version = module_version(compute.__module__)
-    key = stage_key(stage, version, params, upstream)
+    key = stage_key(stage, version, scope, params, upstream)
     folder = stage_folder(stage, scope, key)
     run_store = store.open()
     log = _logger()
@@ -113,15 +115,12 @@ def run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str, p
     return ArtifactRef(stage=stage, scope=scope, key=key, folder=folder, meta=meta, seconds=seconds)
 
 
-def _cache_key(stage: str, compute: StageCompute) -> Callable[[TaskRunContext, dict], str | None]:
-    def cache_key(context: TaskRunContext, parameters: Mapping[str, Any]) -> str | None:
+def _cache_key(stage: str, compute: StageCompute) -> Callable[[TaskRunContext, dict], str]:
+    def cache_key(context: TaskRunContext, parameters: Mapping[str, Any]) -> str:
         store: StoreSpec = parameters["store"]
-        upstream = parameters["upstream"]
-        key = stage_key(stage, module_version(compute.__module__), parameters["params"], upstream)
-        # Only claim a cache hit that the run root can back: if the artifact was deleted or
-        # never committed, returning None makes Prefect run the task (which recomputes it).
-        if not store.open().is_committed(stage_folder(stage, parameters["scope"], key)):
-            return None
+        key = stage_key(stage, module_version(compute.__module__), parameters["scope"],
+                        parameters["params"], parameters["upstream"])
+        # The run root is part of the key: the same inputs in another root are another artifact.
         return content_key(store.root, key)
 
     return cache_key

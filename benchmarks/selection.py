@@ -1,0 +1,123 @@
+"""Benchmark: SSDIM's three-stage solver against plain greedy and the baselines.
+
+Prints one markdown table: size, method, seconds (median of the timed runs), F (the exact SSDIM
+objective), F / F(plain greedy) and the speed-up over plain greedy measured in the same run.
+
+Inputs:
+- clustered synthetic embeddings (Gaussian clusters, L2-normalised by the selectors) at several
+  sizes, including M=1300 d=512 k=160 (ImageNet class, IPC 10, L=4) and M=5000;
+- real image features from one Imagenette class: 32x32 RGB pixels, flattened, centred and
+  reduced by PCA to 256 dimensions per class. No CLIP weights exist offline here, so these
+  stand in for CLIP embeddings: real, but much less semantic.
+
+Usage: python benchmarks/selection.py [--repeats 5] [--data PATH]
+Plain greedy takes O(k M^2); at M >= 5000 it is timed once (marked in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tasks import select as selection
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/imagenette/public/train"
+
+
+def clustered_embeddings(num_images: int, dim: int, seed: int) -> np.ndarray:
+    """Gaussian clusters of uneven size, like the modes of one class in CLIP space."""
+    rng = np.random.default_rng(seed)
+    clusters = max(4, num_images // 60)
+    centres = rng.standard_normal((clusters, dim))
+    labels = rng.choice(clusters, size=num_images, p=rng.dirichlet(np.ones(clusters)))
+    spread = rng.uniform(0.4, 0.9, size=(num_images, 1))
+    return (centres[labels] + spread * rng.standard_normal((num_images, dim))).astype(np.float32)
+
+
+def imagenette_pixel_features(class_dir: Path, side: int = 32, dim: int = 256) -> np.ndarray:
+    """Flattened ``side x side`` RGB pixels of every image in ``class_dir``, PCA to ``dim``."""
+    paths = sorted(class_dir.glob("*.JPEG"))
+    if not paths:
+        raise FileNotFoundError(f"no .JPEG images in {class_dir}")
+    pixels = np.stack([
+        np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.BILINEAR),
+                   dtype=np.float32).ravel() / 255.0
+        for path in paths
+    ])
+    centred = pixels - pixels.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    return (centred @ components[:dim].T).astype(np.float32)
+
+
+def seconds(call: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def benchmark(name: str, embeddings: np.ndarray, k: int, repeats: int) -> list[str]:
+    num_images, dim = embeddings.shape
+    greedy_repeats = 1 if num_images >= 5000 else repeats
+    greedy_time, greedy_pick = seconds(
+        lambda: selection.ssdim(embeddings, k, solver="greedy"), greedy_repeats
+    )
+    greedy_value = selection.ssdim_objective(embeddings, greedy_pick)
+    size = f"{name} M={num_images} d={dim} k={k}"
+    runs = "1 run" if greedy_repeats == 1 else ""
+    rows = [f"| {size} | greedy (plain) {runs} | {greedy_time:.3f} | {greedy_value:.2f} "
+            f"| 1.0000 | 1.0 |"]
+    methods: dict[str, Callable[[], np.ndarray]] = {
+        "ssdim (fw, three-stage)": lambda: selection.ssdim(embeddings, k),
+    }
+    methods.update({
+        method: (lambda m=method: selection.select(m, embeddings, k, seed=0))
+        for method in selection.SELECTION_METHODS if method != "ssdim"
+    })
+    for method, call in methods.items():
+        elapsed, pick = seconds(call, repeats)
+        value = selection.ssdim_objective(embeddings, pick)
+        rows.append(f"| {size} | {method} | {elapsed:.3f} | {value:.2f} "
+                    f"| {value / greedy_value:.4f} | {greedy_time / elapsed:.1f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="Imagenette train folder (one sub-folder per class)")
+    args = parser.parse_args()
+
+    inputs = [
+        ("synthetic", clustered_embeddings(300, 128, seed=0), 40),
+        ("synthetic", clustered_embeddings(1300, 512, seed=1), 160),
+        ("synthetic", clustered_embeddings(5000, 512, seed=2), 160),
+    ]
+    class_dirs = sorted(path for path in args.data.glob("*") if path.is_dir())
+    if class_dirs:
+        inputs.append((f"imagenette/{class_dirs[0].name} pixels+PCA",
+                       imagenette_pixel_features(class_dirs[0]), 160))
+    else:
+        print(f"(no Imagenette classes under {args.data}: real-image row skipped)")
+
+    print(f"# {platform.machine()}, {platform.processor() or 'cpu'}, "
+          f"numpy {np.__version__}, repeats={args.repeats}")
+    print("| size | method | seconds | F | F/F_greedy | speed-up vs greedy |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, embeddings, k in inputs:
+        for row in benchmark(name, embeddings, k, args.repeats):
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

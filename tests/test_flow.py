@@ -1,0 +1,75 @@
+"""End to end: the real flow on a tiny generated dataset under Prefect's test harness."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from flows.distill import distill
+from gridistill.config import DistillConfig
+from gridistill.storage import RunStore
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(dataset, out: str, **overrides) -> DistillConfig:
+    settings = dict(
+        data=str(dataset["train"]), test_data=str(dataset["test"]), out=out, ipc=1,
+        grid_size=2, grid_resolution=32, methods=["ssdim", "random"], embedder="pixels-pca",
+        enhance="bilinear", enhance_scale=2, eval_image_size=16, eval_epochs=2, progress=False,
+        device="cpu",
+    )
+    return DistillConfig(**(settings | overrides))
+
+
+def statuses(store: RunStore) -> dict[str, set[str]]:
+    timings = store.read_parquet("timings.parquet")
+    stages = timings["stage"].str.split(":").str[0]
+    return {stage: set(group) for stage, group in timings.groupby(stages)["status"]}
+
+
+def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, str(tmp_path / "run"))
+    result = distill(config)
+    store = RunStore(config.out)
+
+    assert {m["method"] for m in result["metrics"]} == {"ssdim", "random"}
+    for row in result["metrics"]:
+        assert 0.0 <= row["top1_final"] <= 100.0 and row["test_images"] == 18
+    report = store.read_bytes("report.md").decode()
+    assert "| ssdim" in report and "EMBEDDER" not in report  # pixels-pca chosen explicitly
+    assert statuses(store) == {s: {"Completed"} for s in
+                               ["load", "embed", "select", "grids", "enhance", "evaluate"]}
+
+    # Each class's artifacts hold that class's images, and grids have the right sizes.
+    for class_name in ["alpha", "beta", "gamma"]:
+        [load_folder] = store.list(f"load/{class_name}")
+        paths = store.read_parquet(f"{load_folder}/images.parquet")["path"]
+        assert len(paths) == 12 and all(f"/{class_name}/" in p for p in paths)
+        for stage, side in [("grids", 32), ("enhance", 64)]:
+            for folder in store.list(f"{stage}/{class_name}"):
+                assert store.is_committed(folder)
+                png = Image.open(io.BytesIO(store.read_bytes(f"{folder}/grid_000.png")))
+                assert png.size == (side, side)
+
+    distill(config)  # an immediate rerun: every stage comes from the cache
+    assert statuses(store) == {s: {"Cached"} for s in
+                               ["load", "embed", "select", "grids", "enhance", "evaluate"]}
+
+    distill(tiny_config(tiny_dataset, config.out, enhance_scale=3))  # one stage's parameter
+    assert statuses(store) == {"load": {"Cached"}, "embed": {"Cached"}, "select": {"Cached"},
+                               "grids": {"Cached"}, "enhance": {"Completed"},
+                               "evaluate": {"Completed"}}
+
+
+def test_flow_with_run_root_on_s3(prefect_harness, tiny_dataset, s3_bucket):
+    bucket, options = s3_bucket
+    config = tiny_config(tiny_dataset, f"{bucket}/runs/tiny", storage_options=options,
+                         methods=["ssdim"])
+    result = distill(config)
+    store = RunStore(config.out, options)
+    assert result["report"] == f"{bucket}/runs/tiny/report.md"
+    assert store.exists("report.md") and store.exists("metrics.parquet")
+    assert len(store.list("grids")) == 3 and store.exists("contact_sheet_ssdim.png")

@@ -1,0 +1,267 @@
+"""Tests for tasks/select.py: the SSDIM objective, its solvers, the baselines and the grids."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from tasks import select as selection
+
+WEIGHTS = {"alpha": 1.0, "beta": 0.6, "gamma": 0.3}
+
+
+def clustered(num_images: int, dim: int, clusters: int, seed: int, spread: float = 0.6):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    labels = rng.integers(0, clusters, num_images)
+    return centres[labels] + spread * rng.standard_normal((num_images, dim))
+
+
+def direct_objective(embeddings, indices, alpha, beta, gamma, rank, eps):
+    """F(S) straight from the formula: full float64 eigendecomposition of the M x M kernel."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    kernel = unit @ unit.T
+    values, vectors = np.linalg.eigh(kernel)
+    top = np.argsort(values)[::-1][:rank]
+    energy = (vectors[:, top] ** 2 * values[top]).sum(axis=1)
+    chosen = list(indices)
+    coverage = kernel[:, chosen].max(axis=1).sum()
+    logdet = np.linalg.slogdet(kernel[np.ix_(chosen, chosen)] + eps * np.eye(len(chosen)))[1]
+    return alpha * coverage + beta * logdet + gamma * energy[chosen].sum()
+
+
+# --- the objective ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_images, dim, rank", [(40, 8, 4), (30, 50, 32), (60, 16, 32)])
+def test_objective_matches_direct_numpy(num_images, dim, rank):
+    # Covers the d x d Gram path (M >= d), the M x M path (M < d) and rank >= d.
+    embeddings = clustered(num_images, dim, clusters=4, seed=num_images)
+    indices = [0, 3, 7, 11, 19, 23]
+    expected = direct_objective(embeddings, indices, rank=rank, eps=1e-3, **WEIGHTS)
+    got = selection.ssdim_objective(embeddings, indices, rank=rank, **WEIGHTS)
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_objective_ignores_row_scale():
+    embeddings = clustered(30, 8, clusters=3, seed=1)
+    scaled = embeddings * np.random.default_rng(2).uniform(0.1, 10.0, size=(30, 1))
+    assert selection.ssdim_objective(scaled, [1, 2, 5]) == pytest.approx(
+        selection.ssdim_objective(embeddings, [1, 2, 5]), rel=1e-6
+    )
+
+
+# --- solvers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lazy_greedy_picks_what_plain_greedy_picks(seed):
+    unit = selection.normalise_embeddings(clustered(300, 32, clusters=8, seed=seed))
+    kernel = selection._Kernel(unit, dense=True)
+    energy, _ = selection._spectrum(unit, 32)
+    weights = tuple(WEIGHTS.values())
+    plain = selection._plain_greedy(kernel, 40, weights, energy, 1e-3)
+    lazy, _ = selection._lazy_greedy(kernel, 40, weights, energy, 1e-3)
+    np.testing.assert_array_equal(lazy, plain)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_swap_deltas_are_exact_changes_of_the_objective(k):
+    embeddings = clustered(50, 12, clusters=5, seed=k)
+    unit = selection.normalise_embeddings(embeddings)
+    energy, _ = selection._spectrum(unit, 4)
+    state = selection._SwapState(
+        selection._Kernel(unit, dense=True), np.arange(k) * 3, tuple(WEIGHTS.values()), energy,
+        1e-3,
+    )
+    rng = np.random.default_rng(k)
+    for _ in range(4):  # also checks the in-place updates made by swap()
+        candidates = np.setdiff1d(np.arange(50), state.selection)[::4]
+        deltas = state.deltas(candidates)
+        before = selection.ssdim_objective(embeddings, state.selection, rank=4)
+        for row, candidate in enumerate(candidates[:4]):
+            for position in range(k):
+                after = state.selection.copy()
+                after[position] = candidate
+                change = selection.ssdim_objective(embeddings, after, rank=4) - before
+                assert deltas[row, position] == pytest.approx(change, abs=1e-4)
+        state.swap(int(rng.integers(k)), int(candidates[-1]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_three_stage_is_never_below_plain_greedy(seed):
+    embeddings = clustered(400, 48, clusters=10, seed=seed, spread=0.4 + 0.2 * seed)
+    greedy = selection.ssdim(embeddings, 50, solver="greedy")
+    three_stage = selection.ssdim(embeddings, 50, seed=seed)
+    assert selection.ssdim_objective(embeddings, three_stage) >= selection.ssdim_objective(
+        embeddings, greedy
+    )
+
+
+def test_dense_and_on_demand_kernels_agree():
+    embeddings = clustered(200, 16, clusters=6, seed=3)
+    np.testing.assert_array_equal(
+        selection.ssdim(embeddings, 20, dense_kernel=True),
+        selection.ssdim(embeddings, 20, dense_kernel=False),
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tiny_instances_reach_the_greedy_bound_of_the_optimum(seed):
+    # F itself can be negative (each near-duplicate adds ~beta*log(eps)), so "F >= (1-1/e) F*"
+    # would be meaningless. The guarantee is for G(S) = F(S) - c with c = -alpha*M +
+    # beta*k*log(eps): G is the coverage floored at the smallest cosine -1 (sum_i (max_S K_ij
+    # + 1) >= 0), plus beta*logdet(I + K_SS/eps) >= 0, plus the non-negative spectral sum. G is
+    # monotone submodular with G({}) = 0 (test_select_properties.py checks both parts), so
+    # greedy -- and SSDIM, which only improves on greedy -- gets G >= (1 - 1/e) max G
+    # (Nemhauser, Wolsey & Fisher 1978).
+    rng = np.random.default_rng(seed)
+    num_images, k = int(rng.integers(6, 13)), int(rng.integers(2, 5))
+    embeddings = clustered(num_images, 5, clusters=3, seed=seed, spread=0.1 + 0.3 * (seed % 3))
+    offset = -WEIGHTS["alpha"] * num_images + WEIGHTS["beta"] * k * math.log(1e-3)
+    optimum = max(
+        selection.ssdim_objective(embeddings, list(subset))
+        for subset in itertools.combinations(range(num_images), k)
+    )
+    for solver in selection.SSDIM_SOLVERS:
+        value = selection.ssdim_objective(embeddings, selection.ssdim(embeddings, k, solver=solver))
+        assert value - offset >= (1 - 1 / math.e) * (optimum - offset) - 1e-9
+
+
+def test_same_seed_same_selection_for_every_method():
+    embeddings = clustered(250, 24, clusters=6, seed=7)
+    for method in selection.SELECTION_METHODS:
+        first = selection.select(method, embeddings, 30, seed=11)
+        again = selection.select(method, embeddings, 30, seed=11)
+        np.testing.assert_array_equal(first, again, err_msg=method)
+
+
+@pytest.mark.parametrize("method", selection.SELECTION_METHODS)
+def test_every_method_returns_k_distinct_valid_indices(method):
+    embeddings = clustered(120, 16, clusters=5, seed=2)
+    chosen = selection.select(method, embeddings, 25, seed=0)
+    assert chosen.dtype == np.int64 and chosen.shape == (25,)
+    assert np.unique(chosen).size == 25 and chosen.min() >= 0 and chosen.max() < 120
+
+
+def test_single_objective_baselines_win_their_own_term():
+    embeddings = clustered(300, 16, clusters=6, seed=5)
+    random_pick = selection.select("random", embeddings, 20, seed=0)
+
+    def coverage(indices):
+        return selection.ssdim_objective(embeddings, indices, beta=0.0, gamma=0.0)
+
+    def logdet(indices):
+        return selection.ssdim_objective(embeddings, indices, alpha=0.0, beta=1.0, gamma=0.0)
+
+    assert coverage(selection.select("facility", embeddings, 20)) > coverage(random_pick)
+    assert logdet(selection.select("logdet", embeddings, 20)) > logdet(random_pick)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def _bad_embeddings():
+    good = clustered(20, 4, clusters=2, seed=0)
+    with_nan, with_inf, with_zero = good.copy(), good.copy(), good.copy()
+    with_nan[3, 1] = np.nan
+    with_inf[5, 0] = np.inf
+    with_zero[7] = 0.0
+    return {"nan row": with_nan, "inf row": with_inf, "zero row": with_zero,
+            "1-D": good[:, 0], "3-D": good[None], "empty": np.zeros((0, 4))}
+
+
+@pytest.mark.parametrize("name", list(_bad_embeddings()))
+@pytest.mark.parametrize("call", ["ssdim", "select", "objective", "partition"])
+def test_bad_embeddings_raise_value_error(name, call):
+    embeddings = _bad_embeddings()[name]
+    with pytest.raises(ValueError):
+        if call == "ssdim":
+            selection.ssdim(embeddings, 2)
+        elif call == "select":
+            selection.select("kcenter", embeddings, 2)
+        elif call == "objective":
+            selection.ssdim_objective(embeddings, [0, 1])
+        else:
+            selection.partition_into_grids(embeddings, np.arange(4), 2, 2)
+
+
+@pytest.mark.parametrize("k", [0, -1, 21, 2.5, True])
+def test_bad_k_raises_value_error(k):
+    embeddings = clustered(20, 4, clusters=2, seed=0)
+    with pytest.raises(ValueError, match="k"):
+        selection.ssdim(embeddings, k)
+    with pytest.raises(ValueError, match="k"):
+        selection.select("random", embeddings, k)
+
+
+def test_unknown_names_and_bad_indices_raise_value_error():
+    embeddings = clustered(20, 4, clusters=2, seed=0)
+    with pytest.raises(ValueError, match="method"):
+        selection.select("nope", embeddings, 3)
+    with pytest.raises(ValueError, match="solver"):
+        selection.ssdim(embeddings, 3, solver="nope")
+    for indices in ([], [0, 0], [0, 20], [-1, 2]):
+        with pytest.raises(ValueError, match="indices"):
+            selection.ssdim_objective(embeddings, indices)
+
+
+# --- grids ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", selection.GRID_STRATEGIES)
+def test_partition_gives_disjoint_grids_of_the_right_size(strategy):
+    embeddings = clustered(300, 16, clusters=6, seed=4)
+    chosen = selection.select("ssdim", embeddings, 3 * 16)
+    grids = selection.partition_into_grids(embeddings, chosen, 3, 16, strategy=strategy)
+    assert [grid.size for grid in grids] == [16, 16, 16]
+    assert sorted(np.concatenate(grids).tolist()) == sorted(chosen.tolist())
+    again = selection.partition_into_grids(embeddings, chosen, 3, 16, strategy=strategy)
+    assert all(np.array_equal(a, b) for a, b in zip(grids, again, strict=True))
+
+
+def test_logdet_partition_is_more_diverse_per_grid_than_contiguous_blocks():
+    embeddings = clustered(400, 16, clusters=8, seed=6)
+    chosen = selection.select("ssdim", embeddings, 4 * 9)
+
+    def summed_logdet(grids):
+        return sum(selection.ssdim_objective(embeddings, g, alpha=0.0, beta=1.0, gamma=0.0)
+                   for g in grids)
+
+    grids = selection.partition_into_grids(embeddings, chosen, 4, 9)
+    blocks = [np.sort(chosen)[i * 9 : (i + 1) * 9] for i in range(4)]
+    assert summed_logdet(grids) >= summed_logdet(blocks)
+
+
+def test_fewer_images_than_cells_warns_and_fills_without_duplicates_in_a_grid():
+    embeddings = clustered(20, 8, clusters=3, seed=8)
+    k, needs_fill = selection.plan_selection(20, ipc=2, cells=16)
+    assert (k, needs_fill) == (20, True)
+    order = selection.select("ssdim", embeddings, k)
+    with pytest.warns(UserWarning, match="only 20 images for 32 grid cells"):
+        filled = selection.fill_by_cycling(order, 32)
+    np.testing.assert_array_equal(filled[:20], order)
+    np.testing.assert_array_equal(filled[20:], order[:12])
+    grids = selection.partition_into_grids(embeddings, filled, 2, 16)
+    assert all(grid.size == 16 and np.unique(grid).size == 16 for grid in grids)
+
+
+def test_plan_selection_when_there_are_enough_images():
+    assert selection.plan_selection(1300, ipc=10, cells=16) == (160, False)
+    assert selection.plan_selection(160, ipc=10, cells=16) == (160, False)
+    with pytest.raises(ValueError):
+        selection.plan_selection(100, ipc=0, cells=16)
+
+
+def test_fewer_images_than_one_grid_warns_and_still_fills():
+    embeddings = clustered(5, 8, clusters=2, seed=9)
+    k, needs_fill = selection.plan_selection(5, ipc=1, cells=9)
+    assert (k, needs_fill) == (5, True)
+    with pytest.warns(UserWarning, match="only 5 images for 9 grid cells"):
+        filled = selection.fill_by_cycling(selection.select("ssdim", embeddings, k), 9)
+    with pytest.warns(UserWarning, match="every grid holds duplicates"):
+        (grid,) = selection.partition_into_grids(embeddings, filled, 1, 9)
+    assert grid.size == 9 and set(grid.tolist()) == set(range(5))
