@@ -61,7 +61,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         )), [[future, dataset] for future in grids])
         evaluations.append(evaluate_grids.submit(store, method, EvalParams(
             student=config.eval_student, protocol=config.eval_protocol, grid_size=config.grid_size,
-            image_size=config.eval_image_size, epochs=config.eval_epochs, seed=config.seed,
+            image_size=config.eval_image_size, epochs=config.eval_epochs, ipc=config.ipc,
+            seed=config.seed,
             num_classes=dataset.meta["num_classes"], device=device, progress=config.progress,
         ), [dataset, *enhanced]))
         stage_futures |= {f"select:{method}": selected, f"grids:{method}": grids,
@@ -78,8 +79,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             "classes": len(classes), "ipc": config.ipc, "grid": f"{config.grid_size}x"
             f"{config.grid_size} at {config.grid_resolution}px", "embedder": embedder.name,
             "enhance": f"{config.enhance} x{config.enhance_scale}",
-            "student": f"{config.eval_student}, {config.eval_protocol} protocol, "
-            f"{config.eval_image_size}px",
+            "student": f"{config.eval_student}, {config.eval_protocol} protocol",
             "run root": config.out})
     log.info("report: %s", report_url)
     return {"report": report_url, "metrics": [e.meta["metrics"] | {"method": e.scope}

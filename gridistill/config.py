@@ -52,7 +52,8 @@ class DistillConfig(BaseModel):
     enhance_scale: int = Field(4, ge=1, description="Upscaling factor of the enhancement.")
     eval_student: str = Field("convnet_d3", description="Student network trained on the grids.")
     eval_protocol: str = Field("cpu-small", description="Evaluation protocol preset.")
-    eval_image_size: int = Field(64, ge=8, description="Training/test resolution of the student.")
+    eval_image_size: int | None = Field(None, ge=8, description=(
+        "Training/test resolution of the student (default: the protocol's)."))
     eval_epochs: int | None = Field(None, ge=1, description="Override the protocol's epochs.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_workers: int | None = Field(None, ge=1, description=(

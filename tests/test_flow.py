@@ -38,6 +38,7 @@ def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_da
     assert {m["method"] for m in result["metrics"]} == {"ssdim", "random"}
     for row in result["metrics"]:
         assert 0.0 <= row["top1_final"] <= 100.0 and row["test_images"] == 18
+    first_metrics = store.read_parquet("metrics.parquet")
     report = store.read_bytes("report.md").decode()
     assert "| ssdim" in report and "EMBEDDER" not in report  # pixels-pca chosen explicitly
     assert statuses(store) == {s: {"Completed"} for s in
@@ -48,6 +49,9 @@ def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_da
         [load_folder] = store.list(f"load/{class_name}")
         paths = store.read_parquet(f"{load_folder}/images.parquet")["path"]
         assert len(paths) == 12 and all(f"/{class_name}/" in p for p in paths)
+        for folder in store.list(f"select/{class_name}"):
+            selected = store.read_parquet(f"{folder}/selection.parquet")["path"]
+            assert len(selected) == 4 and all(f"/{class_name}/" in p for p in selected)
         for stage, side in [("grids", 32), ("enhance", 64)]:
             for folder in store.list(f"{stage}/{class_name}"):
                 assert store.is_committed(folder)
@@ -57,6 +61,7 @@ def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_da
     distill(config)  # an immediate rerun: every stage comes from the cache
     assert statuses(store) == {s: {"Cached"} for s in
                                ["load", "embed", "select", "grids", "enhance", "evaluate"]}
+    assert store.read_parquet("metrics.parquet").equals(first_metrics)
 
     distill(tiny_config(tiny_dataset, config.out, enhance_scale=3))  # one stage's parameter
     assert statuses(store) == {"load": {"Cached"}, "embed": {"Cached"}, "select": {"Cached"},
