@@ -4,7 +4,8 @@ Distils ``public/train`` of ``../shared/data/imagenette`` with each method, trai
 student on the distilled set with :func:`tasks.evaluate.train_and_evaluate` and tests it on
 ``public/test``. Run from the repository root::
 
-    python -m benchmarks.distill_imagenette                 # full table: ~45 min on 2 cores
+    python -m benchmarks.distill_imagenette                 # full table: 24 runs, sized for
+                                                            # <= 45 min on 2 cores
     python -m benchmarks.distill_imagenette --quick         # smoke run, ~2 min
     python -m benchmarks.distill_imagenette --speed-only    # harness vs bare PyTorch images/s
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import sys
 import time
@@ -303,6 +305,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchmarkConfig, bool
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Without this a missing CLIP checkpoint makes the hub client retry for minutes; an
+    # explicit HF_HUB_OFFLINE=0 in the environment still wins.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config, speed_only = parse_args(argv)
     print("# config:", {k: str(v) for k, v in asdict(config).items()})
     run(config, speed_only=speed_only)

@@ -87,7 +87,8 @@ class PeakRss:
 
     def __enter__(self) -> PeakRss:
         self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak, self.running = self.rss(), True
+        self.start = self.peak = self.rss()
+        self.running = True
         self.thread = threading.Thread(target=self.sample, daemon=True)
         self.thread.start()
         return self
@@ -106,15 +107,16 @@ class PeakRss:
 
 
 def time_backend(grids: torch.Tensor, backend: str, device: str, repeats: int,
-                 **kwargs) -> tuple[float, float]:
-    """Seconds per grid (best of ``repeats`` timed calls after one warm-up) and peak memory in
-    MiB: CUDA memory allocated on the GPU, or the process's resident set on CPU (which includes
-    the weights and the Python runtime)."""
+                 **kwargs) -> tuple[float, float, float]:
+    """Seconds per grid (best of ``repeats`` timed calls after one warm-up), peak memory and
+    its rise over the memory held before the calls (weights, runtime), in MiB: CUDA memory
+    allocated on the GPU, or the process's resident set on CPU."""
     cuda = device.startswith("cuda")
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     enhance_grids(grids[:1], backend, progress=False, **kwargs)  # warm-up: kernels, allocator
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
     best = float("inf")
     with PeakRss() as host:
         for _ in range(repeats):
@@ -123,8 +125,8 @@ def time_backend(grids: torch.Tensor, backend: str, device: str, repeats: int,
             enhance_grids(grids, backend, progress=False, **kwargs)
             synchronize()
             best = min(best, (time.perf_counter() - start) / len(grids))
-    peak = torch.cuda.max_memory_allocated() if cuda else host.peak
-    return best, peak / 2**20
+    peak, held = (torch.cuda.max_memory_allocated(), held) if cuda else (host.peak, host.start)
+    return best, peak / 2**20, (peak - held) / 2**20
 
 
 def main() -> None:
@@ -158,19 +160,21 @@ def main() -> None:
     out_side = args.size * 4
     print(f"# enhance benchmark: {args.size}->{out_side}, {machine}, {dtype_name}, "
           f"weights {weights}, {args.grids} grids/call, best of {args.repeats}")
-    print("| backend | tile | batch | s / grid | peak memory (MiB) |")
-    print("|---|---|---|---|---|")
+    memory = "GPU allocated" if args.device.startswith("cuda") else "process RSS"
+    print(f"| backend | tile | batch | s / grid | peak {memory} (MiB) | rise during calls (MiB) |")
+    print("|---|---|---|---|---|---|")
     for backend in ("bilinear", "bicubic"):
-        seconds, peak = time_backend(grids.to(args.device), backend, args.device, args.repeats)
-        print(f"| {backend} | - | - | {seconds:.4f} | {peak:.0f} |", flush=True)
+        seconds, peak, rise = time_backend(grids.to(args.device), backend, args.device,
+                                           args.repeats)
+        print(f"| {backend} | - | - | {seconds:.4f} | {peak:.0f} | {rise:.0f} |", flush=True)
     for tile in args.tiles.split(","):
         tile_size = None if tile == "none" else int(tile)
-        seconds, peak = time_backend(
+        seconds, peak, rise = time_backend(
             grids, "sd-turbo", args.device, args.repeats, prompts=["a photo of a dog"],
             components=components, tile_size=tile_size, batch_size=args.batch_size,
         )
-        print(f"| sd-turbo | {tile} | {args.batch_size} | {seconds:.4f} | {peak:.0f} |",
-              flush=True)
+        print(f"| sd-turbo | {tile} | {args.batch_size} | {seconds:.4f} | {peak:.0f} | "
+              f"{rise:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

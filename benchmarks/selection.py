@@ -1,7 +1,8 @@
 """Benchmark: SSDIM's three-stage solver against plain greedy and the baselines.
 
-Prints one markdown table: size, method, seconds (median of the timed runs), F (the exact SSDIM
-objective), F / F(plain greedy) and the speed-up over plain greedy measured in the same run.
+Prints one markdown table: size, method, seconds (median wall clock of the timed runs), CPU
+seconds (median), F (the exact SSDIM objective), F / F(plain greedy) and the wall-clock speed-up
+over plain greedy measured in the same run.
 
 Inputs:
 - clustered synthetic embeddings (Gaussian clusters, L2-normalised by the selectors) at several
@@ -10,13 +11,15 @@ Inputs:
   reduced by PCA to 256 dimensions per class. No CLIP weights exist offline here, so these
   stand in for CLIP embeddings: real, but much less semantic.
 
-Usage: python benchmarks/selection.py [--repeats 5] [--data PATH]
-Plain greedy takes O(k M^2); at M >= 5000 it is timed once (marked in the table).
+Usage: OPENBLAS_NUM_THREADS=1 python benchmarks/selection.py [--repeats 5] [--data PATH]
+Plain greedy takes O(k M^2); at M >= 5000 it is timed once (marked in the table). On a shared
+CPU, single-threaded BLAS is faster and far steadier: OpenBLAS threads spin-wait for a core.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -56,26 +59,32 @@ def imagenette_pixel_features(class_dir: Path, side: int = 32, dim: int = 256) -
     return (centred @ components[:dim].T).astype(np.float32)
 
 
-def seconds(call: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    times, result = [], None
+def seconds(call: Callable[[], np.ndarray], repeats: int) -> tuple[float, float, np.ndarray]:
+    """Median wall-clock and median process CPU seconds of ``repeats`` calls, and the result.
+
+    On a shared machine the wall clock includes time the process waited for a core; the CPU
+    time is close to what a quiet machine would show for single-threaded BLAS.
+    """
+    wall, cpu, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
         result = call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    return statistics.median(wall), statistics.median(cpu), result
 
 
 def benchmark(name: str, embeddings: np.ndarray, k: int, repeats: int) -> list[str]:
     num_images, dim = embeddings.shape
     greedy_repeats = 1 if num_images >= 5000 else repeats
-    greedy_time, greedy_pick = seconds(
+    greedy_time, greedy_cpu, greedy_pick = seconds(
         lambda: selection.ssdim(embeddings, k, solver="greedy"), greedy_repeats
     )
     greedy_value = selection.ssdim_objective(embeddings, greedy_pick)
     size = f"{name} M={num_images} d={dim} k={k}"
-    runs = "1 run" if greedy_repeats == 1 else ""
-    rows = [f"| {size} | greedy (plain) {runs} | {greedy_time:.3f} | {greedy_value:.2f} "
-            f"| 1.0000 | 1.0 |"]
+    runs = f" ({greedy_repeats} run)" if greedy_repeats != repeats else ""
+    rows = [f"| {size} | greedy (plain){runs} | {greedy_time:.3f} | {greedy_cpu:.3f} "
+            f"| {greedy_value:.2f} | 1.0000 | 1.0 |"]
     methods: dict[str, Callable[[], np.ndarray]] = {
         "ssdim (fw, three-stage)": lambda: selection.ssdim(embeddings, k),
     }
@@ -84,9 +93,9 @@ def benchmark(name: str, embeddings: np.ndarray, k: int, repeats: int) -> list[s
         for method in selection.SELECTION_METHODS if method != "ssdim"
     })
     for method, call in methods.items():
-        elapsed, pick = seconds(call, repeats)
+        elapsed, cpu, pick = seconds(call, repeats)
         value = selection.ssdim_objective(embeddings, pick)
-        rows.append(f"| {size} | {method} | {elapsed:.3f} | {value:.2f} "
+        rows.append(f"| {size} | {method} | {elapsed:.3f} | {cpu:.3f} | {value:.2f} "
                     f"| {value / greedy_value:.4f} | {greedy_time / elapsed:.1f} |")
     return rows
 
@@ -110,10 +119,11 @@ def main() -> None:
     else:
         print(f"(no Imagenette classes under {args.data}: real-image row skipped)")
 
-    print(f"# {platform.machine()}, {platform.processor() or 'cpu'}, "
-          f"numpy {np.__version__}, repeats={args.repeats}")
-    print("| size | method | seconds | F | F/F_greedy | speed-up vs greedy |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"# {platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+          f"load average {os.getloadavg()[0]:.1f}, repeats={args.repeats}")
+    print("| size | method | seconds (wall) | CPU s | F | F/F_greedy | speed-up vs greedy |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name, embeddings, k in inputs:
         for row in benchmark(name, embeddings, k, args.repeats):
             print(row, flush=True)

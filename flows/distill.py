@@ -1,5 +1,12 @@
-"""The distillation DAG: index → per class (load → embed → select → grids → enhance) →
-evaluate per method → report. Tasks are fanned out over classes with ``.map``."""
+"""The distillation DAG.
+
+    index ─┬─ per class: load → embed ─┬─ per method: select → grids → enhance ─┬─ evaluate
+           │                            │                              [refine] ─┴─ evaluate
+           └────────────────────────────┴──────────────────────────────────────────── report
+
+Per-class stages are fanned out with ``.map``; each returns an ``ArtifactRef`` (a pointer
+into the run root), never the data itself.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +18,20 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from gridistill.config import DistillConfig
-from gridistill.stages import ArtifactRef, StoreSpec
+from gridistill.stages import StoreSpec
 from tasks.embed import EmbedParams, choose_embedder, embed_class
-from tasks.enhance import EnhanceParams, enhance_class
+from tasks.enhance import EnhanceParams, enhance_class, load_enhancer
 from tasks.evaluate import EvalParams, evaluate_grids
 from tasks.grids import GridParams, assemble_class_grids
 from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+from tasks.refine import RefineParams, imagenet_index, load_dit_for, refine_class
 from tasks.report import write_report
 from tasks.select import SelectParams, select_class
 
 
-def _chain(futures: list[PrefectFuture]) -> list[list[PrefectFuture]]:
+def _each(futures: list[PrefectFuture], *also: Any) -> list[list[Any]]:
     """Each class's upstream list for the next mapped stage."""
-    return [[future] for future in futures]
+    return [[future, *also] for future in futures]
 
 
 @flow(name="gridistill-distill", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -32,58 +40,76 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     log = get_run_logger()
     store = StoreSpec(root=config.out, storage_options=config.storage_options)
     device = config.resolved_device()
-    dataset = index_dataset(store, IndexParams(
-        data=config.data, test_data=config.test_data, class_list=config.class_list,
-        holdout_share=config.holdout_share, seed=config.seed))
-    classes = [name for name, _, _ in dataset.meta["classes"]]
+    enhance = EnhanceParams(backend=config.enhance, scale=config.enhance_scale, seed=config.seed,
+                            device=device, progress=config.progress)
+    refine = RefineParams(dit=config.dit_model, vae=config.dit_vae, gamma=config.refine_gamma,
+                          seed=config.seed, device=device, progress=config.progress)
+    # Missing weights stop the run here, before any data is read.
+    load_enhancer(enhance)
+    if config.refine:
+        load_dit_for(refine)
     embedder = choose_embedder(config.embedder, clip_model=config.clip_model,
                                clip_pretrained=config.clip_pretrained, device=device)
     notes = [f"EMBEDDER FALLBACK: {embedder.fallback_reason}"] if embedder.fallback_reason else []
 
-    loaded = load_class.map(unmapped(store), classes, unmapped(LoadParams()),
-                            [[dataset]] * len(classes))
-    embedded = embed_class.map(unmapped(store), classes, unmapped(EmbedParams(
+    dataset = index_dataset(store, IndexParams(
+        data=config.data, test_data=config.test_data, class_list=config.class_list,
+        holdout_share=config.holdout_share, seed=config.seed))
+    classes = [name for name, _, _ in dataset.meta["classes"]]
+    for name in classes if config.refine else ():
+        imagenet_index(name)  # every class needs a DiT label before any GPU work
+    every = unmapped(store)
+
+    loaded = load_class.map(every, classes, unmapped(LoadParams()), [[dataset]] * len(classes),
+                            config.forced("load", classes))
+    embedded = embed_class.map(every, classes, unmapped(EmbedParams(
         embedder=embedder.name.split(":")[0], clip_model=config.clip_model,
         clip_pretrained=config.clip_pretrained, device=device, progress=config.progress,
-    )), _chain(loaded))
-    stage_futures = {"load": loaded, "embed": embedded}
-    evaluations, grids_by_method = [], {}
+    )), _each(loaded), config.forced("embed", classes))
+    stages: dict[str, list[PrefectFuture]] = {"load": loaded, "embed": embedded}
+    evaluations: dict[str, PrefectFuture] = {}
     for method in config.methods:
-        selected = select_class.map(unmapped(store), classes, unmapped(SelectParams(
+        selected = select_class.map(every, classes, unmapped(SelectParams(
             method=method, ipc=config.ipc, grid_size=config.grid_size, seed=config.seed,
-        )), _chain(embedded))
-        grids = assemble_class_grids.map(unmapped(store), classes, unmapped(GridParams(
+        )), _each(embedded), config.forced("select", classes))
+        grids = assemble_class_grids.map(every, classes, unmapped(GridParams(
             grid_size=config.grid_size, resolution=config.grid_resolution,
-        )), _chain(selected))
-        enhanced = enhance_class.map(unmapped(store), classes, unmapped(EnhanceParams(
-            backend=config.enhance, scale=config.enhance_scale, seed=config.seed, device=device,
-            progress=config.progress,
-        )), [[future, dataset] for future in grids])
-        evaluations.append(evaluate_grids.submit(store, method, EvalParams(
-            student=config.eval_student, protocol=config.eval_protocol, grid_size=config.grid_size,
-            image_size=config.eval_image_size, epochs=config.eval_epochs, ipc=config.ipc,
-            seed=config.seed,
-            num_classes=dataset.meta["num_classes"], device=device, progress=config.progress,
-        ), [dataset, *enhanced]))
-        stage_futures |= {f"select:{method}": selected, f"grids:{method}": grids,
-                          f"enhance:{method}": enhanced}
-        grids_by_method[method] = grids
+        )), _each(selected), config.forced("grids", classes))
+        enhanced = enhance_class.map(every, classes, unmapped(enhance), _each(grids, dataset),
+                                     config.forced("enhance", classes))
+        stages |= {f"select:{method}": selected, f"grids:{method}": grids,
+                   f"enhance:{method}": enhanced}
+        trained_on = {method: enhanced}
+        if config.refine:
+            refined = refine_class.map(every, classes, unmapped(refine), _each(enhanced),
+                                       config.forced("refine", classes))
+            stages[f"refine:{method}"] = trained_on[f"{method}+diver"] = refined
+        for name, per_class in trained_on.items():
+            evaluations[name] = evaluate_grids.submit(store, name, EvalParams(
+                student=config.eval_student, protocol=config.eval_protocol,
+                grid_size=config.grid_size, image_size=config.eval_image_size,
+                epochs=config.eval_epochs, ipc=config.ipc, seed=config.seed,
+                num_classes=dataset.meta["num_classes"], device=device, progress=config.progress,
+            ), [dataset, *per_class], any(config.forced("evaluate", classes)))
 
-    evaluated = [future.result() for future in evaluations]
-    timings = timing_rows(stage_futures, classes) + timing_rows({"evaluate": evaluations},
-                                                                config.methods)
+    timings = timing_rows(stages, classes) + timing_rows(
+        {"evaluate": list(evaluations.values())}, list(evaluations))
     report_url = write_report(
-        store, evaluated, {m: [f.result() for f in fs] for m, fs in grids_by_method.items()},
-        timings, notes, summary={
+        store, [future.result() for future in evaluations.values()],
+        {m: [f.result() for f in stages[f"grids:{m}"]] for m in config.methods}, timings, notes,
+        summary={
             "data": config.data, "test data": config.test_data or "held out from data",
-            "classes": len(classes), "ipc": config.ipc, "grid": f"{config.grid_size}x"
-            f"{config.grid_size} at {config.grid_resolution}px", "embedder": embedder.name,
-            "enhance": f"{config.enhance} x{config.enhance_scale}",
+            "classes": len(classes), "ipc": config.ipc,
+            "grid": f"{config.grid_size}x{config.grid_size} at {config.grid_resolution}px",
+            "embedder": embedder.name, "enhance": f"{config.enhance} x{config.enhance_scale}",
+            "refine": f"DIVER ({config.dit_model}, gamma={config.refine_gamma})"
+            if config.refine else "off",
             "student": f"{config.eval_student}, {config.eval_protocol} protocol",
             "run root": config.out})
     log.info("report: %s", report_url)
-    return {"report": report_url, "metrics": [e.meta["metrics"] | {"method": e.scope}
-                                              for e in evaluated]}
+    return {"report": report_url,
+            "metrics": [f.result().meta["metrics"] | {"method": name}
+                        for name, f in evaluations.items()]}
 
 
 def timing_rows(futures: dict[str, list[PrefectFuture]], scopes: list[str]) -> list[dict[str, Any]]:
@@ -91,8 +117,8 @@ def timing_rows(futures: dict[str, list[PrefectFuture]], scopes: list[str]) -> l
     rows = []
     for stage, stage_futures in futures.items():
         for scope, future in zip(scopes, stage_futures, strict=True):
-            ref: ArtifactRef = future.result()
+            seconds = future.result().seconds
             cached = future.state.name == "Cached"
             rows.append({"stage": stage, "scope": scope, "status": future.state.name,
-                         "seconds": 0.0 if cached else round(ref.seconds, 3)})
+                         "seconds": 0.0 if cached else round(seconds, 3)})
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from importlib import resources
 from typing import Any, Literal
 
@@ -12,6 +13,9 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from gridistill.storage import content_key
+
+Stage = Literal["load", "embed", "select", "grids", "enhance", "refine", "evaluate"]
+STAGES: tuple[Stage, ...] = typing.get_args(Stage)
 
 
 def demo_data_root() -> str:
@@ -50,6 +54,11 @@ class DistillConfig(BaseModel):
     grid_resolution: int = Field(224, ge=8, description="Storage resolution of each grid (px).")
     enhance: str = Field("bilinear", description="Detail enhancement backend for the grids.")
     enhance_scale: int = Field(4, ge=1, description="Upscaling factor of the enhancement.")
+    refine: bool = Field(False, description=(
+        "Run DIVER refinement on the enhanced grids and evaluate before and after it."))
+    dit_model: str = Field("facebook/DiT-XL-2-256", description="DiT hub id or local directory.")
+    dit_vae: str = Field("stabilityai/sd-vae-ft-mse", description="VAE hub id or local directory.")
+    refine_gamma: float = Field(0.1, ge=0.0, description="DIVER semantic-guidance strength.")
     eval_student: str = Field("convnet_d3", description="Student network trained on the grids.")
     eval_protocol: str = Field("cpu-small", description="Evaluation protocol preset.")
     eval_image_size: int | None = Field(None, ge=8, description=(
@@ -62,6 +71,10 @@ class DistillConfig(BaseModel):
         "fsspec options for the run root and data, e.g. {\"endpoint_url\": ...}. "
         "Never put credentials here: use the environment / AWS credential chain."))
     progress: bool = Field(True, description="Show progress bars on the terminal.")
+    force_from: Stage | None = Field(None, description=(
+        "Recompute this stage and every later one (for force_classes), reusing the rest."))
+    force_classes: list[str] | None = Field(None, description=(
+        "Classes that force_from applies to (default: all)."))
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> DistillConfig:
@@ -75,6 +88,12 @@ class DistillConfig(BaseModel):
             name = re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts[-2:]))
             self.out = os.path.join("runs", f"{name}-{content_key(self.data, self.test_data)[:8]}")
         return self
+
+    def forced(self, stage: Stage, classes: list[str]) -> list[bool]:
+        """Per class: whether this run must recompute ``stage`` rather than reuse it."""
+        if self.force_from is None or STAGES.index(stage) < STAGES.index(self.force_from):
+            return [False] * len(classes)
+        return [self.force_classes is None or name in self.force_classes for name in classes]
 
     def resolved_device(self) -> str:
         if self.device == "auto":

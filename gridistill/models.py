@@ -10,11 +10,15 @@ random weights; a caller that has a fallback must choose it explicitly and say s
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class MissingWeightsError(RuntimeError):
@@ -32,6 +36,23 @@ class MissingWeightsError(RuntimeError):
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+
+
+_model_cache: dict[tuple, Any] = {}
+_model_cache_lock = threading.Lock()
+
+
+def cached_model(loader: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``loader(*args, **kwargs)``, loaded once per process.
+
+    Per-class tasks run in threads of one worker process; they share one copy of each model
+    instead of loading it once per class. The lock also keeps two threads from loading at once.
+    """
+    key = (loader.__qualname__, args, tuple(sorted(kwargs.items())))
+    with _model_cache_lock:
+        if key not in _model_cache:
+            _model_cache[key] = loader(*args, **kwargs)
+        return _model_cache[key]
 
 
 def resolve_diffusers_dir(source: str, what: str, how: str) -> str:

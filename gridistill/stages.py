@@ -7,6 +7,7 @@ writes its outputs under ``folder``. :func:`stage_task` turns it into a Prefect 
   version), the parameters that affect the result, and the upstream artifact keys;
 - returns the committed artifact at once when the run root already has it;
 - otherwise computes, then commits (marker last, so a crash never leaves a "finished" folder);
+- recomputes when called with ``force=True`` (a UI rerun "from this stage"), in place;
 - uses the same key as Prefect's cache key, so a rerun reports every finished task as
   ``Cached``. (An artifact deleted by hand behind Prefect's back needs a refreshed run.)
 """
@@ -19,6 +20,7 @@ import importlib
 import inspect
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -92,17 +94,20 @@ StageCompute = Callable[[RunStore, str, str, Any, list[ArtifactRef]], dict[str, 
 
 
 def run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str, params: BaseModel,
-              upstream: Sequence[ArtifactRef]) -> ArtifactRef:
-    """Return the committed artifact for these inputs, computing it only if missing."""
+              upstream: Sequence[ArtifactRef], force: bool = False) -> ArtifactRef:
+    """Return the committed artifact for these inputs, computing it only if missing (or if
+    ``force``: then the folder is un-committed first, so a crash mid-way leaves it unfinished)."""
     version = module_version(compute.__module__)
     key = stage_key(stage, version, scope, params, upstream)
     folder = stage_folder(stage, scope, key)
     run_store = store.open()
     log = _logger()
     if run_store.is_committed(folder):
-        log.info("%s[%s]: reusing %s", stage, scope, run_store.url(folder))
-        return ArtifactRef(stage=stage, scope=scope, key=key, folder=folder,
-                           meta=run_store.read_commit(folder).get("meta", {}))
+        if not force:
+            log.info("%s[%s]: reusing %s", stage, scope, run_store.url(folder))
+            return ArtifactRef(stage=stage, scope=scope, key=key, folder=folder,
+                               meta=run_store.read_commit(folder).get("meta", {}))
+        run_store.uncommit(folder)
     started = time.perf_counter()
     meta = compute(run_store, folder, scope, params, list(upstream))
     seconds = time.perf_counter() - started
@@ -117,6 +122,8 @@ def run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str, p
 
 def _cache_key(stage: str, compute: StageCompute) -> Callable[[TaskRunContext, dict], str]:
     def cache_key(context: TaskRunContext, parameters: Mapping[str, Any]) -> str:
+        if parameters.get("force"):
+            return f"forced-{uuid.uuid4().hex}"  # never found, so Prefect runs the task
         store: StoreSpec = parameters["store"]
         key = stage_key(stage, module_version(compute.__module__), parameters["scope"],
                         parameters["params"], parameters["upstream"])
@@ -130,9 +137,9 @@ def stage_task(stage: str, *, retries: int = 2, tags: Sequence[str] = ()) -> Cal
     """Decorate a stage's compute function into a cached Prefect task (see module doc)."""
 
     def decorate(compute: StageCompute):
-        def run(store: StoreSpec, scope: str, params: BaseModel,
-                upstream: list[ArtifactRef]) -> ArtifactRef:
-            return run_stage(stage, compute, store, scope, params, upstream)
+        def run(store: StoreSpec, scope: str, params: BaseModel, upstream: list[ArtifactRef],
+                force: bool = False) -> ArtifactRef:
+            return run_stage(stage, compute, store, scope, params, upstream, force)
 
         run.__name__ = run.__qualname__ = compute.__name__
         run.__module__, run.__doc__ = compute.__module__, compute.__doc__

@@ -124,5 +124,9 @@ class RunStore:
         """Mark ``folder`` finished. Call only after every file in it has been written."""
         self.write_json(f"{folder}/{COMMIT_MARKER}", dict(metadata))
 
+    def uncommit(self, folder: str) -> None:
+        """Mark ``folder`` unfinished again, before it is rewritten in place."""
+        self.fs.rm_file(self.path(f"{folder}/{COMMIT_MARKER}"))
+
     def read_commit(self, folder: str) -> dict[str, Any]:
         return self.read_json(f"{folder}/{COMMIT_MARKER}")

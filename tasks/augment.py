@@ -5,8 +5,9 @@ image of L x L cells is cropped with probability ``p_align`` on cell boundaries 
 whole cells, i.e. whole source images) and otherwise by an ordinary random resized crop (so the
 student also sees the perturbations it would see on real data).
 
-Randomness: the transforms draw from an explicit ``torch.Generator`` when one is given and from
-torch's global generator otherwise, so ``torch.manual_seed`` makes a training run repeatable.
+Randomness: :class:`GridAwareCrop` and the ``sample_*`` functions draw from an explicit
+``torch.Generator`` when given one; they, :class:`Lighting` and :func:`cutmix_batch` use torch's
+global generator otherwise, so ``torch.manual_seed`` makes a training run repeatable.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ in the log, in the stage's metadata and in the run report.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from gridistill.models import ClipBundle, MissingWeightsError, load_clip
+from gridistill.models import ClipBundle, MissingWeightsError, cached_model, load_clip
 from gridistill.stages import ArtifactRef, stage_task
 from gridistill.storage import RunStore
 from tasks.ingest import read_image
@@ -72,19 +71,6 @@ class EmbedderChoice:
     fallback_reason: str | None  # set when "auto" could not use CLIP
 
 
-_clip_cache: dict[tuple[str, str, str], ClipBundle] = {}
-_clip_lock = threading.Lock()
-
-
-def _cached_clip(model: str, pretrained: str, device: str) -> ClipBundle:
-    # Per-class tasks run in threads: load the model once per process, not once per class.
-    with _clip_lock:
-        key = (model, pretrained, device)
-        if key not in _clip_cache:
-            _clip_cache[key] = load_clip(model, pretrained, device=device)
-        return _clip_cache[key]
-
-
 def choose_embedder(kind: str, *, clip_model: str, clip_pretrained: str, device: str = "cpu",
                     batch_size: int = 64, progress: bool = False) -> EmbedderChoice:
     """Resolve ``kind`` (auto | clip | pixels-pca) to an embedding function."""
@@ -93,7 +79,7 @@ def choose_embedder(kind: str, *, clip_model: str, clip_pretrained: str, device:
     if kind == "pixels-pca":
         return EmbedderChoice("pixels-pca", pixel_pca_embed, None)
     try:
-        bundle = _cached_clip(clip_model, clip_pretrained, device)
+        bundle = cached_model(load_clip, clip_model, clip_pretrained, device=device)
     except MissingWeightsError as exc:
         if kind == "clip":
             raise

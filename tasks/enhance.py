@@ -231,6 +231,14 @@ def grid_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(mixed))
 
 
+def _crop(images: torch.Tensor, boxes: list[tuple[int, int, int]], tile_h: int, tile_w: int,
+          factor: int) -> torch.Tensor:
+    """Stack the tiles ``(image index, row, col)`` (output-pixel coordinates) of ``images``,
+    which lie on a grid ``factor`` times coarser than the output (latents: the VAE factor)."""
+    return torch.stack([images[g, ..., r // factor:(r + tile_h) // factor,
+                               c // factor:(c + tile_w) // factor] for g, r, c in boxes])
+
+
 def _sd_turbo(grids: torch.Tensor, *, scale: int, prompts: list[str],
               components: StableDiffusionComponents, timestep: int, seed: int,
               tile_size: int | None, tile_overlap: int, colour_fix: str | None,
@@ -283,25 +291,21 @@ def _sd_turbo(grids: torch.Tensor, *, scale: int, prompts: list[str],
         upsampled = upsample(low_res, scale)
         # Per grid, in this order: VAE posterior draw, then diffusion noise (the img2img order).
         draws = [torch.randn((2, *latent_shape), generator=grid_generator(seed, i)) for i in chunk]
-        eps = torch.stack(draws).to(device=device, dtype=dtype)
+        standard_normal = torch.stack(draws).to(device=device, dtype=dtype)
         accumulated = torch.zeros(len(chunk), 3, padded_h, padded_w, device=device)
+        # Work items: (grid within chunk, row, col, blend weight), batched across grids.
         work = [(g, r, c, w) for g in range(len(chunk)) for r, c, w in weight_maps]
         for start in range(0, len(work), batch_size):
             batch = work[start:start + batch_size]
-            pick = [g for g, *_ in batch]
-
-            def crop(image: torch.Tensor, factor: int, batch=batch, pick=pick) -> torch.Tensor:
-                return torch.stack([
-                    image[g, ..., r // factor:(r + tile_h) // factor,
-                          c // factor:(c + tile_w) // factor]
-                    for g, (_, r, c, _) in zip(pick, batch, strict=True)])
-
+            boxes = [(g, r, c) for g, r, c, _ in batch]
             enhanced = invert_one_step(
-                crop(upsampled, 1).to(dtype),
-                embeds[embed_index[[first + g for g in pick]].to(device)],
+                _crop(upsampled, boxes, tile_h, tile_w, 1).to(dtype),
+                embeds[embed_index[[first + g for g, _, _ in boxes]].to(device)],
                 components, timestep=timestep,
-                posterior_eps=crop(eps[:, 0], vae_factor), noise_eps=crop(eps[:, 1], vae_factor),
-                low_res=crop(low_res, scale).to(dtype) if noise_predictor is not None else None,
+                posterior_eps=_crop(standard_normal[:, 0], boxes, tile_h, tile_w, vae_factor),
+                noise_eps=_crop(standard_normal[:, 1], boxes, tile_h, tile_w, vae_factor),
+                low_res=(_crop(low_res, boxes, tile_h, tile_w, scale).to(dtype)
+                         if noise_predictor is not None else None),
                 noise_predictor=noise_predictor,
             ).float()
             for tile_image, (g, r, c, w) in zip(enhanced, batch, strict=True):
@@ -315,7 +319,28 @@ def _sd_turbo(grids: torch.Tensor, *, scale: int, prompts: list[str],
     return output
 
 
-@torch.inference_mode()
+def enhancement_record(stored: torch.Tensor, enhanced: torch.Tensor, backend: str,
+                       **settings: object) -> dict[str, object]:
+    """How an enhanced set is accounted for (issue item 4): a derived, cached artifact listed
+    apart from the distilled set. The distilled set stays the stored grids, IPC images per class
+    at the storage resolution; enhanced grids are recomputable from them plus ``settings`` and
+    never count toward the storage budget."""
+    return {
+        "artifact": "enhanced grids (derived cache, recomputable)",
+        "counts_toward_storage_budget": False,
+        "derived_from": "distilled grids at storage resolution",
+        "backend": backend,
+        "grids": int(stored.shape[0]),
+        "stored_size": [int(stored.shape[-2]), int(stored.shape[-1])],
+        "enhanced_size": [int(enhanced.shape[-2]), int(enhanced.shape[-1])],
+        "settings": {key: str(value) if isinstance(value, Path) else value
+                     for key, value in settings.items()},
+    }
+
+
+# no_grad rather than inference_mode: inference tensors could not be saved for backward if a
+# training loader fed the enhanced grids straight into a model.
+@torch.no_grad()
 def enhance_grids(grids: torch.Tensor, backend: str, *, scale: int = 4,
                   prompts: list[str] | None = None,
                   components: StableDiffusionComponents | str | Path | None = None,
@@ -324,7 +349,7 @@ def enhance_grids(grids: torch.Tensor, backend: str, *, scale: int = 4,
                   tile_overlap: int = DEFAULT_TILE_OVERLAP, colour_fix: str | None = None,
                   noise_predictor: InvSRNoisePredictor | str | Path | None = None,
                   batch_size: int = 4, progress: bool = True) -> torch.Tensor:
-    """Enhance stored grids (N, 3, H, W) in [0, 1] to (N, 3, H·scale, W·scale) in [0, 1], on CPU.
+    """Enhance stored grids (N, 3, H, W) in [0, 1] to (N, 3, H·scale, W·scale) in [0, 1].
 
     Backends:
       - ``"none"``: no enhancement stage. The input is returned unchanged, at its storage
@@ -340,14 +365,18 @@ def enhance_grids(grids: torch.Tensor, backend: str, *, scale: int = 4,
         ``tile_overlap`` pixels (less the alignment to the latent grid) and cross-faded;
         ``tile_size=None`` never tiles. ``batch_size`` counts tiles per forward pass.
         ``colour_fix`` is ``None``, ``"wavelet"`` or ``"ycbcr"`` against the bicubic upsample.
+        Runs on the components' device and dtype; returns a float32 CPU tensor. A source string
+        loads on CPU in float32: call ``load_sd_turbo(source, device, dtype)`` to choose.
     """
     if backend not in ENHANCE_BACKENDS:
         raise ValueError(f"unknown enhance backend {backend!r}; choose from {ENHANCE_BACKENDS}")
     if grids.ndim != 4 or grids.shape[1] != 3 or not grids.is_floating_point():
         raise ValueError(f"grids must be float (N, 3, H, W), got {tuple(grids.shape)} "
                          f"{grids.dtype}")
-    if scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale}")
+    if grids.numel() and (grids.min() < 0 or grids.max() > 1):
+        raise ValueError("grids must lie in [0, 1]")
+    if scale < 1 or batch_size < 1:
+        raise ValueError(f"scale and batch_size must be positive, got {scale}, {batch_size}")
     if colour_fix is not None and colour_fix not in COLOUR_FIXES:
         raise ValueError(f"unknown colour fix {colour_fix!r}; choose None or one of {COLOUR_FIXES}")
     if backend == "none":
@@ -376,12 +405,17 @@ def enhance_grids(grids: torch.Tensor, backend: str, *, scale: int = 4,
 # -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------
 from typing import Any  # noqa: E402
 
-import pandas as pd  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from gridistill.models import cached_model  # noqa: E402
 from gridistill.stages import ArtifactRef, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
-from tasks.grids import pil_to_tensor, read_grid_images, tensor_to_pil, write_png  # noqa: E402
+from tasks.grids import (  # noqa: E402
+    pil_to_tensor,
+    read_grid_images,
+    tensor_to_pil,
+    write_grid_images,
+)
 
 
 class EnhanceParams(BaseModel):
@@ -397,6 +431,19 @@ class EnhanceParams(BaseModel):
     progress: bool = True
 
 
+def load_enhancer(params: EnhanceParams) -> StableDiffusionComponents | None:
+    """SD-Turbo parts for the ``sd-turbo`` backend (once per process), else None.
+
+    Called by the flow before any work, so missing weights stop a run at once.
+    """
+    if params.backend not in ENHANCE_BACKENDS:
+        raise ValueError(f"unknown enhance backend {params.backend!r}; one of {ENHANCE_BACKENDS}")
+    if params.backend != "sd-turbo":
+        return None
+    dtype = torch.float16 if params.device.startswith("cuda") else torch.float32
+    return cached_model(load_sd_turbo, params.sd_turbo, device=params.device, dtype=dtype)
+
+
 @stage_task("enhance", tags=("gpu",))
 def enhance_class(store: RunStore, folder: str, scope: str, params: EnhanceParams,
                   upstream: list[ArtifactRef]) -> dict[str, Any]:
@@ -408,12 +455,8 @@ def enhance_class(store: RunStore, folder: str, scope: str, params: EnhanceParam
         grids, params.backend, scale=params.scale, seed=params.seed,
         prompts=class_prompts([display] * len(grids), params.prompt_template)
         if params.backend == "sd-turbo" else None,
-        components=params.sd_turbo if params.backend == "sd-turbo" else None,
+        components=load_enhancer(params),
         timestep=params.timestep, colour_fix=params.colour_fix,
         noise_predictor=params.noise_predictor, progress=params.progress)
-    index = []
-    for grid_index, image in enumerate(tensor_to_pil(enhanced)):
-        write_png(store, f"{folder}/grid_{grid_index:03d}.png", image)
-        index.append((grid_index, f"grid_{grid_index:03d}.png"))
-    store.write_parquet(f"{folder}/grids.parquet", pd.DataFrame(index, columns=["grid", "file"]))
+    write_grid_images(store, folder, tensor_to_pil(enhanced))
     return {"backend": params.backend, "resolution": int(enhanced.shape[-1])}

@@ -209,7 +209,6 @@ class Protocol:
     eval_after_fraction: float = 0.0  # ... once past this fraction of E (the last epoch always)
     lr_by_student: tuple[tuple[str, float], ...] = ()  # per-student lr, as RDED's argument.py
     p_align: float = 0.6
-    teacher_epochs: int = 0  # epochs to train a teacher on real data when none is given
 
     def epochs_for(self, ipc: int) -> int:
         return _lookup(self.epochs_by_ipc, ipc, f"{self.name} epochs")
@@ -254,7 +253,6 @@ PROTOCOLS: dict[str, Protocol] = {
         # argument.py's per-student AdamW lr; vit_tiny takes its vit_b_16 value (RDED has no
         # ViT-Tiny).
         lr_by_student=(("efficientnet_b0", 2e-3), ("mobilenetv2", 2.5e-3), ("vit_tiny", 1e-4)),
-        teacher_epochs=50,
     ),
     "minimax": Protocol(
         name="minimax",
@@ -297,7 +295,6 @@ PROTOCOLS: dict[str, Protocol] = {
         crop_scale=(0.08, 1.0),  # torchvision's RandomResizedCrop default
         val_resize_ratio=8 / 7,
         eval_every_fraction=0.5,  # each test pass costs ~1/3 of an IPC-10 epoch: evaluate twice
-        teacher_epochs=10,
     ),
 }
 
@@ -555,9 +552,10 @@ def fit_student(
     transform = build_train_transform(protocol, settings.image_size, settings.grid_size)
     normalize = _Normalizer(device)
     optimizer = _make_optimizer(protocol, model, settings.lr)
-    if protocol.labels == "teacher":
-        if teacher is None:
-            raise ValueError(f"protocol {protocol.name!r} needs a teacher (soft labels)")
+    if (protocol.labels == "teacher") != (teacher is not None):
+        raise ValueError(f"protocol {protocol.name!r} uses {protocol.labels} labels: a teacher "
+                         "must be given exactly when the labels come from one")
+    if teacher is not None:
         teacher.model.to(device, memory_format=memory_format).eval()
 
     history: list[dict[str, Any]] = []
@@ -582,7 +580,7 @@ def fit_student(
                 batch, perm, lam = cutmix_batch(batch, protocol.cutmix_beta)
             with _autocast(device):
                 logits = model(batch)
-                if teacher is not None and protocol.labels == "teacher":
+                if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher.model(batch)
                     loss = soft_label_kl(logits.float(), teacher_logits.float(),
@@ -650,10 +648,15 @@ def train_and_evaluate(
         if class_names is None:
             raise ValueError("class_names is required to check the teacher's class order")
         check_class_order(teacher.class_names, class_names)
+    elif teacher is not None:
+        raise ValueError(f"protocol {protocol!r} trains on hard labels: it would ignore the "
+                         "teacher; use a teacher-label protocol (rded) or drop the teacher")
     ipc = ipc if ipc is not None else max(1, len(train_images) // num_classes)
     student = student or preset.student
     image_size = image_size or preset.image_size
     epochs = epochs if epochs is not None else preset.epochs_for(ipc)
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
     if batch_size is not None and batch_size > len(train_images):
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train_images)} training images")
     # The preset's batch is capped at the set size, as RDED's argument.py does.
@@ -709,19 +712,20 @@ def train_teacher(
 ) -> Teacher:
     """Train a teacher on the real training split with the same loop, hard labels.
 
-    ``protocol`` supplies the optimiser and augmentation and must use hard labels; ``epochs``
-    defaults to the rded preset's ``teacher_epochs``.
+    ``protocol`` supplies the optimiser, schedule and augmentation and must use hard labels;
+    ``epochs`` and the batch size default to the protocol's values for a set of this many
+    images per class. The class names are stored with the teacher (see :func:`save_teacher`).
     """
     preset = get_protocol(protocol)
     if preset.labels != "hard":
         raise ValueError(f"a teacher is trained with hard labels; {protocol!r} needs a "
                          "teacher itself")
-    epochs = epochs if epochs is not None else PROTOCOLS["rded"].teacher_epochs
+    images_per_class = max(1, len(images) // len(class_names))
     settings = TrainSettings(
         protocol=protocol, student=architecture, image_size=image_size, grid_size=None,
-        epochs=epochs, batch_size=min(preset.batch_for(10**6), len(images)),
-        lr=preset.lr_for(architecture), ipc=len(images) // len(class_names), seed=seed,
-        device=device,
+        epochs=epochs if epochs is not None else preset.epochs_for(images_per_class),
+        batch_size=min(preset.batch_for(images_per_class), len(images)),
+        lr=preset.lr_for(architecture), ipc=images_per_class, seed=seed, device=device,
     )
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
@@ -743,6 +747,21 @@ def summarize_seeds(runs: Sequence[dict[str, Any]],
         summary[f"{key}_mean"] = statistics.fmean(values)
         summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return summary
+
+
+def train_and_evaluate_seeds(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`train_and_evaluate` once per seed: ``{"runs": [...], **summarize_seeds(runs)}``."""
+    runs = [train_and_evaluate(train_images, train_labels, test_images, test_labels, seed=seed,
+                               **kwargs) for seed in seeds]
+    return {"runs": runs, **summarize_seeds(runs)}
 
 
 # -- speed ---------------------------------------------------------------------------------
@@ -833,8 +852,9 @@ class EvalParams(BaseModel):
     student: str = "convnet_d3"
     protocol: str = "cpu-small"
     grid_size: int | None = 4
-    image_size: int = 64
-    epochs: int | None = None
+    image_size: int | None = None  # None: the protocol's
+    epochs: int | None = None  # None: the protocol's, by IPC
+    ipc: int = 1
     seed: int = 0
     num_classes: int
     device: str = "cpu"
@@ -872,12 +892,16 @@ def evaluate_grids(store: RunStore, folder: str, scope: str, params: EvalParams,
         grids += images
         grid_labels += [labels[ref.scope]] * len(images)
     train = pil_to_tensor(grids).mul(255).round().to(torch.uint8)
-    test_images, test_labels = load_test_set(store, dataset, params.image_size)
+    # Decode test images once at the protocol's resize size; its CenterCrop does the rest.
+    protocol = get_protocol(params.protocol)
+    size = params.image_size or protocol.image_size
+    test_images, test_labels = load_test_set(store, dataset,
+                                             round(size * protocol.val_resize_ratio))
     result = train_and_evaluate(
         train, torch.tensor(grid_labels), test_images, test_labels,
         num_classes=params.num_classes, student=params.student, protocol=params.protocol,
         grid_size=params.grid_size, image_size=params.image_size, epochs=params.epochs,
-        seed=params.seed, device=params.device, progress=params.progress)
+        ipc=params.ipc, seed=params.seed, device=params.device, progress=params.progress)
     store.write_parquet(f"{folder}/history.parquet", pd.DataFrame(result["history"]))
     metrics = {"student": params.student, "protocol": params.protocol,
                "top1_final": result["top1_final"], "top1_best": result["top1_best"],

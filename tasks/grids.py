@@ -67,15 +67,22 @@ def assemble_class_grids(store: RunStore, folder: str, scope: str, params: GridP
     """Tile each selected group of L*L images into one PNG grid; index them in Parquet."""
     (selected,) = upstream
     selection = store.read_parquet(f"{selected.folder}/selection.parquet")
-    index = []
-    for grid_index, cells in selection.groupby("grid", sort=True):
+    grids = []
+    for _, cells in selection.groupby("grid", sort=True):
         images = [read_image(p, store.storage_options).image
                   for p in cells.sort_values("cell")["path"]]
-        grid = assemble_grid(images, params.grid_size, params.resolution)
-        write_png(store, f"{folder}/grid_{grid_index:03d}.png", grid)
-        index.append((int(grid_index), f"grid_{grid_index:03d}.png"))
-    store.write_parquet(f"{folder}/grids.parquet", pd.DataFrame(index, columns=["grid", "file"]))
-    return {"grids": len(index), "resolution": params.resolution}
+        grids.append(assemble_grid(images, params.grid_size, params.resolution))
+    write_grid_images(store, folder, grids)
+    return {"grids": len(grids), "resolution": params.resolution}
+
+
+def write_grid_images(store: RunStore, folder: str, grids: Sequence[Image.Image]) -> None:
+    """``grid_000.png``... plus the ``grids.parquet`` index that readers go through."""
+    files = [f"grid_{index:03d}.png" for index in range(len(grids))]
+    for name, image in zip(files, grids, strict=True):
+        write_png(store, f"{folder}/{name}", image)
+    store.write_parquet(f"{folder}/grids.parquet",
+                        pd.DataFrame({"grid": range(len(files)), "file": files}))
 
 
 def write_png(store: RunStore, key: str, image: Image.Image) -> None:

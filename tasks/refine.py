@@ -234,3 +234,64 @@ def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components
         decoded = decode_latents(latents, components.vae)
         refined.append(resize_images(decoded, tuple(images.shape[-2:])).cpu())
     return torch.cat(refined)
+
+
+# -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------
+from typing import Any  # noqa: E402
+
+from pydantic import BaseModel  # noqa: E402
+
+from gridistill.distilled_sets import imagenet_wnids  # noqa: E402
+from gridistill.models import cached_model, load_dit  # noqa: E402
+from gridistill.stages import ArtifactRef, stage_task  # noqa: E402
+from gridistill.storage import RunStore  # noqa: E402
+from tasks.grids import (  # noqa: E402
+    pil_to_tensor,
+    read_grid_images,
+    tensor_to_pil,
+    write_grid_images,
+)
+
+
+class RefineParams(BaseModel):
+    dit: str = "facebook/DiT-XL-2-256"
+    vae: str = "stabilityai/sd-vae-ft-mse"
+    t_f: int = 25
+    t_h: int = 40
+    t_l: int = 25
+    gamma: float = 0.1
+    cfg_scale: float = 4.0
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 32
+    progress: bool = True
+
+
+def imagenet_index(class_name: str) -> int:
+    """The DiT class label of a class folder named by its ImageNet WNID."""
+    wnids = imagenet_wnids()
+    if class_name not in wnids:
+        raise ValueError(f"DIVER conditions the DiT on ImageNet-1K classes: class {class_name!r} "
+                         "is not an ImageNet WNID (name class folders by WNID)")
+    return wnids.index(class_name)
+
+
+def load_dit_for(params: RefineParams) -> DiTBundle:
+    """The DiT and VAE for ``params``, once per process (bf16 on CUDA, float32 on CPU)."""
+    dtype = torch.bfloat16 if params.device.startswith("cuda") else torch.float32
+    return cached_model(load_dit, params.dit, params.vae, device=params.device, dtype=dtype)
+
+
+@stage_task("refine", tags=("gpu",))
+def refine_class(store: RunStore, folder: str, scope: str, params: RefineParams,
+                 upstream: list[ArtifactRef]) -> dict[str, Any]:
+    """DIVER: pull one class's grids back toward natural images with the class-conditional DiT."""
+    (grids_ref,) = upstream
+    grids = pil_to_tensor(read_grid_images(store, grids_ref))
+    labels = torch.full((len(grids),), imagenet_index(scope), dtype=torch.long)
+    refined = diver_refine(
+        grids, labels, load_dit_for(params), t_f=params.t_f, t_h=params.t_h, t_l=params.t_l,
+        gamma=params.gamma, cfg_scale=params.cfg_scale, seed=params.seed,
+        batch_size=params.batch_size, progress=params.progress)
+    write_grid_images(store, folder, tensor_to_pil(refined))
+    return {"gamma": params.gamma, "resolution": int(refined.shape[-1])}

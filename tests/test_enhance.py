@@ -33,6 +33,7 @@ from tasks.enhance import (
     class_prompts,
     encode_prompts,
     enhance_grids,
+    enhancement_record,
     grid_generator,
     tile_starts,
     upsample,
@@ -109,6 +110,14 @@ def test_interpolation_backends(mode):
     assert out.shape == (2, 3, 36, 36) and 0 <= out.min() and out.max() <= 1
     expected = F.interpolate(grids, scale_factor=3, mode=mode, align_corners=False).clamp(0, 1)
     torch.testing.assert_close(out, expected)
+
+
+def test_enhanced_grids_are_accounted_apart_from_the_distilled_set():
+    stored = _grids(3, size=12)
+    record = enhancement_record(stored, enhance_grids(stored, "bicubic"), "bicubic", scale=4)
+    assert record["counts_toward_storage_budget"] is False
+    assert record["stored_size"] == [12, 12] and record["enhanced_size"] == [48, 48]
+    assert record["grids"] == 3 and record["settings"] == {"scale": 4}
 
 
 def test_class_prompts_template_and_wnid_map():

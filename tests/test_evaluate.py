@@ -29,6 +29,7 @@ from tasks.evaluate import (
     soft_label_kl,
     summarize_seeds,
     train_and_evaluate,
+    train_and_evaluate_seeds,
     train_teacher,
 )
 
@@ -211,6 +212,9 @@ def test_rded_refuses_a_teacher_with_another_class_order():
     with pytest.raises(ValueError, match="needs a teacher"):
         train_and_evaluate(images, labels, images, labels, num_classes=4, protocol="rded",
                            image_size=16, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="ignore the teacher"):
+        train_and_evaluate(images, labels, images, labels, num_classes=4, protocol="cpu-small",
+                           image_size=16, epochs=1, teacher=teacher, progress=False)
 
 
 # -- end to end ----------------------------------------------------------------------------
@@ -273,6 +277,15 @@ def test_summarize_seeds_mean_and_sample_std():
     assert summary["top1_final_mean"] == 20.0 and summary["top1_final_std"] == 10.0
     assert summary["top1_best_mean"] == 22.0 and summary["n_seeds"] == 3
     assert summarize_seeds(runs[:1])["top1_best_std"] == 0.0
+
+
+def test_seeds_helper_runs_each_seed_and_summarises():
+    train_x, train_y = solid_colour_set(1, 16, seed=0)
+    result = train_and_evaluate_seeds(train_x, train_y, train_x, train_y, seeds=(0, 1),
+                                      num_classes=4, grid_size=None, image_size=16, epochs=2,
+                                      progress=False)
+    assert [run["settings"]["seed"] for run in result["runs"]] == [0, 1]
+    assert result["n_seeds"] == 2 and "top1_best_std" in result
 
 
 def test_harness_overhead_reports_both_speeds():

@@ -68,6 +68,27 @@ def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_da
                                "grids": {"Cached"}, "enhance": {"Completed"},
                                "evaluate": {"Completed"}}
 
+    # A UI-style rerun: one class, from one stage on; everything else from the cache.
+    grid_files = [f"{folder}/grid_000.png" for folder in store.list("grids/beta")]
+    before = [store.read_bytes(key) for key in grid_files]
+    distill(tiny_config(tiny_dataset, config.out, force_from="grids", force_classes=["beta"]))
+    timings = store.read_parquet("timings.parquet")
+    recomputed = timings[timings["status"] == "Completed"]
+    assert sorted(zip(recomputed["stage"], recomputed["scope"])) == [
+        ("enhance:random", "beta"), ("enhance:ssdim", "beta"), ("evaluate", "random"),
+        ("evaluate", "ssdim"), ("grids:random", "beta"), ("grids:ssdim", "beta")]
+    assert [store.read_bytes(key) for key in grid_files] == before  # rewritten bit-identical
+
+
+def test_missing_sd_turbo_weights_stop_the_run_before_any_work(prefect_harness, tiny_dataset,
+                                                               tmp_path):
+    from gridistill.models import MissingWeightsError
+
+    config = tiny_config(tiny_dataset, str(tmp_path / "run"), enhance="sd-turbo")
+    with pytest.raises(MissingWeightsError, match="(?s)stabilityai/sd-turbo.*supply"):
+        distill(config)
+    assert not (tmp_path / "run").exists()
+
 
 def test_flow_with_run_root_on_s3(prefect_harness, tiny_dataset, s3_bucket):
     bucket, options = s3_bucket
