@@ -52,12 +52,15 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 
 def run_distill(config: DistillConfig) -> dict[str, Any]:
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.distill import distill
+    from gridistill.runners import build_task_runner
 
-    flow = distill.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.worker_count()))
-    return flow(config)
+    runner = build_task_runner(config.task_runner, max_workers=config.worker_count(),
+                               address=config.task_runner_address)
+    options: dict[str, Any] = {"task_runner": runner}
+    if config.result_storage:
+        options["result_storage"] = config.result_storage
+    return distill.with_options(**options)(config)
 
 
 def _run(args: argparse.Namespace) -> int:

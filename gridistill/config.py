@@ -71,6 +71,16 @@ class DistillConfig(BaseModel):
         "fsspec options for the run root and data, e.g. {\"endpoint_url\": ...}. "
         "Never put credentials here: use the environment / AWS credential chain."))
     progress: bool = Field(True, description="Show progress bars on the terminal.")
+    task_runner: Literal["thread", "dask", "ray"] = Field("thread", description=(
+        "Runs the per-class fan-out: a thread pool, prefect-dask's DaskTaskRunner or "
+        "prefect-ray's RayTaskRunner (extras gridistill[dask] / gridistill[ray])."))
+    task_runner_address: str | None = Field(None, description=(
+        "Address of an existing Dask scheduler (tcp://host:8786) or Ray cluster "
+        "(ray://host:10001). Default: start a local cluster of max_workers workers."))
+    result_storage: str | None = Field(None, description=(
+        "Prefect block (e.g. remote-file-system/gridistill-results) holding cached task "
+        "results, so any worker finds them. Default: Prefect's own setting "
+        "(PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, else the local disk)."))
     force_from: Stage | None = Field(None, description=(
         "Recompute this stage and every later one (for force_classes), reusing the rest."))
     force_classes: list[str] | None = Field(None, description=(

@@ -244,8 +244,9 @@ class InvSRNoisePredictor(torch.nn.Module):
     low-resolution image that outputs a Gaussian over latent-space noise.
 
     Built from diffusers' own blocks (sinusoidal timestep embedding, ``AttnDownBlock2D``,
-    ``UNetMidBlock2D``); module names follow InvSR's ``NoisePredictor`` so that its released
-    state dict loads strictly. Each down block after the first halves the resolution, so with two
+    ``UNetMidBlock2D``); module names follow InvSR's ``NoisePredictor`` (``encoder.*``) so that
+    its released state dict should load strictly: not verified against the released file, which
+    cannot be downloaded here. Each down block after the first halves the resolution, so with two
     blocks the output sits at 1/2 of the low-resolution input = 1/8 of the ×4 output, i.e. on
     the SD latent grid.
     """

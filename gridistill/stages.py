@@ -18,6 +18,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import json
 import logging
 import time
 import uuid
@@ -42,12 +43,13 @@ class StoreSpec(BaseModel):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     def open(self) -> RunStore:
-        return _open_store(self.root, tuple(sorted(self.storage_options.items())))
+        # As JSON: options may nest (``client_kwargs``, ``config_kwargs``), so are unhashable.
+        return _open_store(self.root, json.dumps(self.storage_options, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=8)
-def _open_store(root: str, options: tuple[tuple[str, Any], ...]) -> RunStore:
-    return RunStore(root, dict(options))
+def _open_store(root: str, options: str) -> RunStore:
+    return RunStore(root, json.loads(options))
 
 
 class ArtifactRef(BaseModel):
@@ -81,7 +83,7 @@ def stage_folder(stage: str, scope: str, key: str) -> str:
     return f"{stage}/{validate_key_part(scope)}/{key}"
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
+def stage_logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         from prefect.logging import get_run_logger
 
@@ -101,7 +103,7 @@ def run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str, p
     key = stage_key(stage, version, scope, params, upstream)
     folder = stage_folder(stage, scope, key)
     run_store = store.open()
-    log = _logger()
+    log = stage_logger()
     if run_store.is_committed(folder):
         if not force:
             log.info("%s[%s]: reusing %s", stage, scope, run_store.url(folder))

@@ -39,6 +39,10 @@ def validate_key_part(name: str) -> str:
     return name
 
 
+class StorageError(OSError):
+    """A run-root operation failed (after the client's own retries); names the object's URL."""
+
+
 class RunStore:
     """A run root on any fsspec filesystem.
 
@@ -60,8 +64,14 @@ class RunStore:
     def url(self, key: str) -> str:
         return f"{self.root_url}/{key}" if key else self.root_url
 
+    def _failed(self, action: str, key: str, exc: Exception) -> StorageError:
+        return StorageError(f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}")
+
     def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
+        try:
+            return self.fs.exists(self.path(key))
+        except Exception as exc:
+            raise self._failed("checking", key, exc) from exc
 
     def list(self, prefix: str) -> list[str]:
         """Keys (relative to the root) directly under ``prefix``; empty if it does not exist."""
@@ -93,10 +103,18 @@ class RunStore:
                 raise
         else:
             # An object-store PUT is all-or-nothing, so a direct write is already atomic.
-            self.fs.pipe_file(path, data)
+            try:
+                self.fs.pipe_file(path, data)
+            except Exception as exc:
+                raise self._failed("writing", key, exc) from exc
 
     def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self.path(key))
+        try:
+            return self.fs.cat_file(self.path(key))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise self._failed("reading", key, exc) from exc
 
     # -- typed helpers ---------------------------------------------------------------------
     def write_json(self, key: str, obj: Any) -> None:

@@ -18,13 +18,12 @@ from typing import Any
 import fsspec
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from prefect import task
-from prefect.logging import get_run_logger
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from gridistill.stages import ArtifactRef, StoreSpec, stage_task
+from gridistill.stages import ArtifactRef, StoreSpec, stage_logger, stage_task
 from gridistill.storage import RunStore, content_key, validate_key_part
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -63,8 +62,18 @@ def read_class_list(url: str,
     return pairs
 
 
-def list_samples(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
-    """All image samples of an ImageFolder tree or a manifest, as ``path, class_name, size``.
+@dataclass(frozen=True)
+class Listing:
+    """What a data location holds: the samples, and every entry that is not one, with why."""
+
+    samples: pd.DataFrame  # path, class_name, size
+    ignored: list[tuple[str, str]]  # (path or manifest row, reason)
+
+
+def scan_samples(url: str, storage_options: dict[str, Any] | None = None) -> Listing:
+    """All image samples of an ImageFolder tree or a manifest, as ``path, class_name, size``,
+    plus what was left out: non-image files, files outside class folders, empty class folders,
+    incomplete or duplicate manifest rows.
 
     A manifest is a CSV/Parquet with ``path,label`` columns; relative paths are resolved
     against the manifest's folder. Paths are returned as full URLs for ``fsspec.open``.
@@ -75,39 +84,65 @@ def list_samples(url: str, storage_options: dict[str, Any] | None = None) -> pd.
         return _read_manifest(fs, root, protocol)
     if not fs.isdir(root):
         raise FileNotFoundError(f"no ImageFolder directory or manifest at {url!r}")
-    rows = []
+    rows, ignored = [], []
     for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
         if entry["type"] != "directory":
+            ignored.append((protocol + entry["name"], "not inside a class folder"))
             continue
         class_name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        found = 0
         for item in sorted(fs.find(entry["name"], detail=True).values(), key=lambda e: e["name"]):
             if item["name"].lower().endswith(IMAGE_EXTENSIONS):
                 rows.append((protocol + item["name"], class_name, int(item.get("size") or 0)))
+                found += 1
+            else:
+                ignored.append((protocol + item["name"], "not an image file name (extension)"))
+        if not found:
+            ignored.append((protocol + entry["name"],
+                            f"class folder {class_name!r} has no image files: not a class"))
     if not rows:
         raise ValueError(f"no images found under {url!r} (expected <root>/<class>/<image>)")
-    return pd.DataFrame(rows, columns=["path", "class_name", "size"])
+    return Listing(pd.DataFrame(rows, columns=["path", "class_name", "size"]), ignored)
 
 
-def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, protocol: str) -> pd.DataFrame:
+def list_samples(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The samples of :func:`scan_samples`; warns about what it left out."""
+    listing = scan_samples(url, storage_options)
+    if listing.ignored:
+        warnings.warn(f"{url!r}: ignored {len(listing.ignored)} entries, e.g. "
+                      f"{listing.ignored[:3]}", stacklevel=2)
+    return listing.samples
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, protocol: str) -> Listing:
     with fs.open(path, "rb") as f:
         raw = f.read()
     if path.endswith(".csv"):
-        frame = pd.read_csv(io.BytesIO(raw), dtype={"path": str, "label": str})
+        # keep_default_na=False: a class named "NA" or "null" is a class, not a missing value.
+        frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
     else:
         frame = pd.read_parquet(io.BytesIO(raw))
     missing = {"path", "label"} - set(frame.columns)
     if missing:
         raise ValueError(f"manifest {path!r} lacks column(s) {sorted(missing)}")
-    frame = frame[["path", "label"]].dropna().astype(str)
+    frame = frame[["path", "label"]]
+    blank = frame.apply(lambda column: column.astype(str).str.strip() == "")
+    incomplete = (frame.isna() | blank).any(axis=1).to_numpy()
+    ignored = [(f"{path} row {i + 1}", "missing path or label") for i in np.flatnonzero(incomplete)]
+    frame = frame[~incomplete].astype(str)
+    labels_per_path = frame.groupby("path")["label"].nunique()
+    conflicting = labels_per_path.index[labels_per_path > 1].tolist()
+    if conflicting:
+        raise ValueError(f"manifest {path!r}: {len(conflicting)} path(s) listed under different "
+                         f"labels, e.g. {conflicting[:5]}")
     duplicates = frame.duplicated("path")
-    if duplicates.any():
-        warnings.warn(f"manifest {path!r}: dropped {int(duplicates.sum())} duplicate rows",
-                      stacklevel=2)
-        frame = frame[~duplicates]
+    ignored += [(p, "duplicate manifest row") for p in frame["path"][duplicates]]
+    frame = frame[~duplicates]
     base = path.rsplit("/", 1)[0]
     resolved = [p if "://" in p or p.startswith("/") else f"{base}/{p}" for p in frame["path"]]
     resolved = [p if "://" in p else protocol + p for p in resolved]
-    return pd.DataFrame({"path": resolved, "class_name": frame["label"].tolist(), "size": 0})
+    return Listing(pd.DataFrame({"path": resolved, "class_name": frame["label"].tolist(),
+                                 "size": 0}), ignored)
 
 
 def resolve_classes(found: Iterable[str], class_list: Sequence[tuple[str, str]] | None = None,
@@ -159,6 +194,10 @@ def decode_image(data: bytes) -> DecodedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            # Checked here too: the warning filter above is process-global, not per thread.
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                return DecodedImage(None, digest, f"decompression bomb or huge image: "
+                                    f"{image.width}x{image.height} pixels")
             image.load()
         transparent = image.mode == "P" and "transparency" in image.info
         if image.mode in ("RGBA", "LA", "PA") or transparent:
@@ -170,8 +209,7 @@ def decode_image(data: bytes) -> DecodedImage:
             pixels = np.asarray(image, dtype=np.float64)
             image = Image.fromarray((pixels * 255.0 / max(pixels.max(), 1.0)).astype(np.uint8))
         return DecodedImage(image.convert("RGB"), digest, None)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Exception as exc:  # a corrupt file can trip any decoder error: report, never raise
         return DecodedImage(None, digest, f"{type(exc).__name__}: {exc}")
 
 
@@ -201,14 +239,16 @@ def index_dataset(store: StoreSpec, params: IndexParams) -> ArtifactRef:
     Always runs (listing is what detects changed data); its key is the listing's content, so
     an unchanged dataset maps to the same folder and every later stage stays cached.
     """
-    log = get_run_logger()
+    log = stage_logger()
     options = store.storage_options
-    pool = list_samples(params.data, options)
+    listing = scan_samples(params.data, options)
+    pool, ignored = listing.samples, listing.ignored
     pairs = read_class_list(params.class_list, options) if params.class_list else None
     classes = resolve_classes(pool["class_name"], pairs)
     labels = {c.name: c.label for c in classes}
     if params.test_data:
-        test = list_samples(params.test_data, options)
+        test_listing = scan_samples(params.test_data, options)
+        test, ignored = test_listing.samples, ignored + test_listing.ignored
         unknown = sorted(set(test["class_name"]) - set(labels))
         if unknown:
             raise ValueError(f"test classes not among the training classes: {unknown[:10]}")
@@ -220,18 +260,24 @@ def index_dataset(store: StoreSpec, params: IndexParams) -> ArtifactRef:
             frame.loc[rows.index[mask], "split"] = "test"
     frame = frame.assign(label=frame["class_name"].map(labels)).reset_index(drop=True)
     class_rows = [[c.name, c.label, c.display_name] for c in classes]
-    key = content_key(frame[["path", "size", "class_name", "split"]].values.tolist(), class_rows)
+    key = content_key(frame[["path", "size", "class_name", "split"]].values.tolist(), class_rows,
+                      ignored)
     folder = f"dataset/{key}"
     run_store = store.open()
     if not run_store.is_committed(folder):
         for name, rows in frame.groupby("class_name"):
             run_store.write_parquet(f"{folder}/classes/{name}.parquet", rows)
         run_store.write_parquet(f"{folder}/test.parquet", frame[frame["split"] == "test"])
+        run_store.write_parquet(f"{folder}/ignored.parquet",
+                                pd.DataFrame(ignored, columns=["path", "reason"], dtype=str))
         run_store.commit(folder, {"key": key, "classes": class_rows, "params": params.model_dump()})
     counts = frame.groupby("split").size().to_dict()
     log.info("dataset %s: %d classes, %s images (%s)", key, len(classes), counts, params.data)
+    if ignored:
+        log.warning("dataset %s: ignored %d entries that are not samples (listed in %s), e.g. %s",
+                    key, len(ignored), run_store.url(f"{folder}/ignored.parquet"), ignored[:5])
     return ArtifactRef(stage="dataset", scope="all", key=key, folder=folder,
-                       meta={"classes": class_rows, "counts": counts,
+                       meta={"classes": class_rows, "counts": counts, "ignored": len(ignored),
                              "num_classes": len(pairs) if pairs else len(classes)})
 
 
@@ -251,18 +297,25 @@ def load_class(store: RunStore, folder: str, scope: str, params: LoadParams,
         decoded = read_image(path, store.storage_options)
         reason = decoded.error
         if reason is None and min(decoded.image.size) < params.min_side:
-            reason = f"smaller than {params.min_side}px: {decoded.image.size}"
+            reason = f"too small: {decoded.image.size}, under {params.min_side}px"
         if reason is None and decoded.sha256 in seen:
-            reason = f"exact duplicate of {seen[decoded.sha256]}"
+            reason = f"exact duplicate: same bytes as {seen[decoded.sha256]}"
         if reason is not None:
             skipped.append((path, reason))
             continue
         seen[decoded.sha256] = path
         kept.append((len(kept), path, decoded.sha256, *decoded.image.size))
+    skipped_frame = pd.DataFrame(skipped, columns=["path", "reason"], dtype=str)
+    # Written first, so that a class with nothing usable still leaves its reasons to read.
+    store.write_parquet(f"{folder}/skipped.parquet", skipped_frame)
+    by_reason = skipped_frame["reason"].str.split(":").str[0].value_counts().to_dict()
+    if skipped:
+        stage_logger().warning("load[%s]: skipped %d of %d images %s (listed in %s)", scope,
+                               len(skipped), len(rows), by_reason,
+                               store.url(f"{folder}/skipped.parquet"))
     if not kept:
-        raise ValueError(f"class {scope!r} has no usable images ({len(skipped)} skipped)")
+        raise ValueError(f"class {scope!r} has no usable images: {len(skipped)} skipped "
+                         f"{by_reason}; see {store.url(f'{folder}/skipped.parquet')}")
     store.write_parquet(f"{folder}/images.parquet", pd.DataFrame(
         kept, columns=["image_id", "path", "sha256", "width", "height"]))
-    skipped_frame = pd.DataFrame(skipped, columns=["path", "reason"])
-    store.write_parquet(f"{folder}/skipped.parquet", skipped_frame)
-    return {"images": len(kept), "skipped": len(skipped)}
+    return {"images": len(kept), "skipped": len(skipped), "skipped_by_reason": by_reason}

@@ -67,6 +67,20 @@ def test_aligned_share_matches_p_align(p_align):
     assert abs(aligned / draws - p_align) <= tolerance + 1e-12
 
 
+def test_every_aligned_window_is_equally_likely():
+    generator = torch.Generator().manual_seed(2)
+    L, draws = 3, 7000
+    counts: dict[tuple[int, int, int], int] = {}
+    for _ in range(draws):
+        box = sample_aligned_box(30, 60, L, generator)
+        key = (box.top, box.left, box.height)
+        counts[key] = counts.get(key, 0) + 1
+    windows = sum((L - k + 1) ** 2 for k in range(1, L + 1))  # 9 + 4 + 1 = 14
+    assert len(counts) == windows
+    expected = draws / windows
+    assert all(abs(n - expected) < 5 * math.sqrt(expected) for n in counts.values())
+
+
 def test_random_branch_matches_scale_bounds():
     generator = torch.Generator().manual_seed(0)
     for _ in range(500):

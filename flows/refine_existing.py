@@ -1,0 +1,116 @@
+"""DIVER on any distilled set given by URL: the ``gridistill refine`` command as a GPU flow.
+
+The input (a folder or a file, local or any fsspec URL) is copied to a scratch directory on
+the worker, refined by :func:`gridistill.cli_refine.run_refine`, and the resulting
+ImageFolder is uploaded to ``out``; nothing else touches the worker's disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from prefect import flow
+from prefect.artifacts import create_link_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.logging import get_run_logger
+from pydantic import BaseModel, Field
+
+from flows.pooled import redact, segment_device
+from gridistill.cli_refine import run_refine
+from gridistill.distilled_sets import INPUT_KINDS, NORMALIZATIONS, SUBSET_PRESETS
+
+
+class RefineRequest(BaseModel):
+    """The options of ``gridistill refine``, typed for the Prefect UI form."""
+
+    input_url: str = Field(description="Distilled set: ImageFolder, run root, .pt or .npz URL.")
+    out: str = Field(description="Where the refined ImageFolder goes (local path or URL); "
+                                 "must be empty or new.")
+    input_kind: str = Field("auto", description=f"One of {INPUT_KINDS}.")
+    labels_url: str | None = Field(None, description="MTT labels file, when not beside it.")
+    normalization: str | None = Field(None, description=(
+        f"Mean/std of float tensor sets: one of {sorted(NORMALIZATIONS)}."))
+    classes_preset: str | None = Field(None, description=(
+        f"Class i -> ImageNet-1K label: one of {sorted(SUBSET_PRESETS)}."))
+    wnids_url: str | None = Field(None, description="File: one WNID per line (line i = class i).")
+    dit: str = Field("facebook/DiT-XL-2-256", description="DiT hub id or local directory.")
+    vae: str = Field("stabilityai/sd-vae-ft-mse", description="VAE hub id or local directory.")
+    device: str = Field("auto", description="auto | cuda | cuda:N | cpu (CPU only on request).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_steps: int = Field(50, ge=1)
+    t_f: int = Field(25, ge=1)
+    t_r: int | None = None
+    t_h: int = Field(40, ge=1)
+    t_l: int = Field(25, ge=1)
+    gamma: float = Field(0.1, ge=0.0, description="Semantic guidance (0.02 for NCFM sets).")
+    cfg_scale: float = 4.0
+    seed: int = 0
+    batch_size: int = Field(32, ge=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "fsspec options for the URLs (no credentials: use the environment)."))
+
+
+def _fetch(url: str | None, into: Path, options: dict[str, Any]) -> str | None:
+    """A local path holding ``url``'s content (a copy when the URL is remote)."""
+    if url is None:
+        return None
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    target = into / Path(path.rstrip("/")).name
+    fs.get(path, str(target), recursive=fs.isdir(path))
+    return str(target)
+
+
+def _upload(local_dir: Path, fs: fsspec.AbstractFileSystem, target: str) -> None:
+    """Copy the files under ``local_dir`` to ``target`` (same relative paths)."""
+    for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        destination = f"{target.rstrip('/')}/{file.relative_to(local_dir).as_posix()}"
+        fs.makedirs(destination.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(file), destination)
+
+
+@flow(name="gridistill-refine-existing")
+def refine_existing(request: RefineRequest, gpu_concurrency_limit: str = "gpu") -> str:
+    """Refine ``request.input_url`` with DIVER and write the ImageFolder to ``request.out``."""
+    log = get_run_logger()
+    log.info("refine request: %s", redact(request.model_dump(mode="json")))
+    device = segment_device("gpu", request.device)
+    options = request.storage_options
+    out_fs, out_path = fsspec.core.url_to_fs(request.out, **options)
+    if out_fs.exists(out_path) and out_fs.ls(out_path):
+        raise FileExistsError(f"{request.out} is not empty; refusing to mix or overwrite outputs")
+    gpu_slot = (concurrency(gpu_concurrency_limit, occupy=1, strict=True)
+                if device != "cpu" else contextlib.nullcontext())
+    with tempfile.TemporaryDirectory(prefix="gridistill-refine-") as scratch, gpu_slot:
+        scratch_dir = Path(scratch)
+        local_out = scratch_dir / "refined"
+        args = argparse.Namespace(
+            input=_fetch(request.input_url, scratch_dir, options), out=str(local_out),
+            input_kind=request.input_kind,
+            labels=_fetch(request.labels_url, scratch_dir, options),
+            normalization=request.normalization, classes_preset=request.classes_preset,
+            wnids=_fetch(request.wnids_url, scratch_dir, options), dit=request.dit,
+            vae=request.vae, device=device, dtype=request.dtype, num_steps=request.num_steps,
+            t_f=request.t_f, t_r=request.t_r, t_h=request.t_h, t_l=request.t_l,
+            gamma=request.gamma, cfg_scale=request.cfg_scale, seed=request.seed,
+            batch_size=request.batch_size)
+        # run_refine reports problems on stderr for the terminal; here they become the error.
+        errors, report = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(report):
+            status = run_refine(args)
+        for line in report.getvalue().splitlines():
+            log.info(line)
+        if status != 0:
+            raise RuntimeError(f"refine failed: {errors.getvalue().strip()}")
+        _upload(local_out, out_fs, out_path)
+    create_link_artifact(key="gridistill-refined", link=request.out, link_text="refined set",
+                         description=f"DIVER-refined {request.input_url}")
+    return request.out
