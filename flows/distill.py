@@ -66,7 +66,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         embedder=embedder.name.split(":")[0], clip_model=config.clip_model,
         clip_pretrained=config.clip_pretrained, device=device, progress=config.progress,
     )), _each(loaded), config.forced("embed", classes))
-    stages: dict[str, list[PrefectFuture]] = {"load": loaded, "embed": embedded}
+    per_method: dict[str, dict[str, list[PrefectFuture]]] = {}
     evaluations: dict[str, PrefectFuture] = {}
     for method in config.methods:
         selected = select_class.map(every, classes, unmapped(SelectParams(
@@ -77,13 +77,12 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         )), _each(selected), config.forced("grids", classes))
         enhanced = enhance_class.map(every, classes, unmapped(enhance), _each(grids, dataset),
                                      config.forced("enhance", classes))
-        stages |= {f"select:{method}": selected, f"grids:{method}": grids,
-                   f"enhance:{method}": enhanced}
+        per_method[method] = {"select": selected, "grids": grids, "enhance": enhanced}
         trained_on = {method: enhanced}
         if config.refine:
             refined = refine_class.map(every, classes, unmapped(refine), _each(enhanced),
                                        config.forced("refine", classes))
-            stages[f"refine:{method}"] = trained_on[f"{method}+diver"] = refined
+            per_method[method]["refine"] = trained_on[f"{method}+diver"] = refined
         for name, per_class in trained_on.items():
             evaluations[name] = evaluate_grids.submit(store, name, EvalParams(
                 student=config.eval_student, protocol=config.eval_protocol,
@@ -92,11 +91,16 @@ def distill(config: DistillConfig) -> dict[str, Any]:
                 num_classes=dataset.meta["num_classes"], device=device, progress=config.progress,
             ), [dataset, *per_class], any(config.forced("evaluate", classes)))
 
+    stages = {"load": loaded, "embed": embedded} | {
+        f"{stage}:{method}": futures for method, by_stage in per_method.items()
+        for stage, futures in by_stage.items()}
     timings = timing_rows(stages, classes) + timing_rows(
         {"evaluate": list(evaluations.values())}, list(evaluations))
     report_url = write_report(
         store, [future.result() for future in evaluations.values()],
-        {m: [f.result() for f in stages[f"grids:{m}"]] for m in config.methods}, timings, notes,
+        {method: {stage: [f.result() for f in futures] for stage, futures in by_stage.items()
+                  if stage != "select"} for method, by_stage in per_method.items()},
+        timings, notes,
         summary={
             "data": config.data, "test data": config.test_data or "held out from data",
             "classes": len(classes), "ipc": config.ipc,

@@ -22,6 +22,7 @@ and hold one slot of the global concurrency limit ``gpu`` while they run.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
+from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
@@ -128,6 +130,17 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
+
+
+def use_credentials_block(config: DistillConfig) -> None:
+    """Export the run's AWS credentials block into this process's environment, where s3fs
+    (and pyarrow) find them; they never become a parameter or a log line."""
+    if not config.aws_credentials_block:
+        return
+    values = Secret.load(config.aws_credentials_block).get()
+    for name in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
+        if values.get(name):
+            os.environ[name.upper()] = values[name]
 
 
 # -- the segment (child) flow ----------------------------------------------------------------
@@ -289,6 +302,7 @@ def run_segment(request: SegmentRequest) -> str:
     log = get_run_logger()
     segment = next(s for s in SEGMENTS if s.name == request.segment)
     config = request.config
+    use_credentials_block(config)
     device = segment_device(segment.pool, config.device)
     runner = build_task_runner(config.task_runner, max_workers=config.worker_count(),
                                address=config.task_runner_address)
@@ -345,6 +359,7 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
     pools = pools or PoolOptions()
     log = get_run_logger()
     log.info("config: %s", redact(config.model_dump(mode="json")))
+    use_credentials_block(config)
     store = StoreSpec(root=config.out, storage_options=config.storage_options)
     dataset = index_dataset(store, IndexParams(
         data=config.data, test_data=config.test_data, class_list=config.class_list,

@@ -77,6 +77,10 @@ class DistillConfig(BaseModel):
     task_runner_address: str | None = Field(None, description=(
         "Address of an existing Dask scheduler (tcp://host:8786) or Ray cluster "
         "(ray://host:10001). Default: start a local cluster of max_workers workers."))
+    aws_credentials_block: str | None = Field(None, description=(
+        "Name of a Prefect Secret block holding {aws_access_key_id, aws_secret_access_key"
+        "[, aws_session_token]}; each worker loads it into its environment. Default: the "
+        "environment / AWS credential chain."))
     result_storage: str | None = Field(None, description=(
         "Prefect block (e.g. remote-file-system/gridistill-results) holding cached task "
         "results, so any worker finds them. Default: Prefect's own setting "

@@ -191,14 +191,13 @@ def decode_image(data: bytes) -> DecodedImage:
     if not data:
         return DecodedImage(None, digest, "empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            # Checked here too: the warning filter above is process-global, not per thread.
-            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                return DecodedImage(None, digest, f"decompression bomb or huge image: "
-                                    f"{image.width}x{image.height} pixels")
-            image.load()
+        # PIL raises past twice MAX_IMAGE_PIXELS and only warns below; refuse both, from the
+        # header, before decoding (a warnings filter would be process-global, not per thread).
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            return DecodedImage(None, digest, f"decompression bomb or huge image: "
+                                f"{image.width}x{image.height} pixels")
+        image.load()
         transparent = image.mode == "P" and "transparency" in image.info
         if image.mode in ("RGBA", "LA", "PA") or transparent:
             # Composite onto white so transparent regions do not turn black.

@@ -25,9 +25,24 @@ def contact_sheet(images: Sequence[Image.Image], columns: int = 5, size: int = 1
     return sheet
 
 
-def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, sheets: dict[str, str],
-                  notes: Sequence[str], summary: dict[str, Any]) -> str:
-    """Markdown: setup, warnings, accuracy per method, contact sheets, stage timings."""
+def storage_rows(store: RunStore, artifacts: dict[str, dict[str, list[ArtifactRef]]]
+                 ) -> pd.DataFrame:
+    """What is stored per method: the distilled set (grids) apart from derived artifacts."""
+    rows = []
+    for method, stages in artifacts.items():
+        for stage, refs in stages.items():
+            images = sum(len(store.read_parquet(f"{r.folder}/grids.parquet")) for r in refs)
+            rows.append({
+                "method": method, "artifact": stage,
+                "kind": "distilled set" if stage == "grids" else "derived (cache, not counted)",
+                "images": images, "resolution": refs[0].meta.get("resolution") if refs else None,
+                "MB": round(sum(store.fs.du(store.path(r.folder)) for r in refs) / 1e6, 2)})
+    return pd.DataFrame(rows)
+
+
+def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, storage: pd.DataFrame,
+                  sheets: dict[str, str], notes: Sequence[str], summary: dict[str, Any]) -> str:
+    """Markdown: setup, warnings, accuracy per method, contact sheets, storage, timings."""
     lines = ["# gridistill run report", ""]
     lines += [f"- **{k}**: {v}" for k, v in summary.items()]
     if notes:
@@ -38,6 +53,9 @@ def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, sheets: dict[str
     lines += [metrics.to_markdown(index=False, floatfmt=".2f"), ""]
     lines += ["## Distilled grids (first grid of each class)", ""]
     lines += [f"**{method}**\n\n![{method}]({path})\n" for method, path in sheets.items()]
+    lines += ["## Storage", "", "The distilled set is the grids at storage resolution; enhanced "
+              "and refined grids are derived training inputs, cached but not counted.", "",
+              storage.to_markdown(index=False), ""]
     stage_totals = (timings.groupby(["stage", "status"])["seconds"].agg(["count", "sum"])
                     .reset_index().rename(columns={"count": "tasks", "sum": "seconds"}))
     lines += ["## Stage timings", "", stage_totals.to_markdown(index=False, floatfmt=".2f"), ""]
@@ -46,19 +64,22 @@ def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, sheets: dict[str
 
 @task(name="report", retries=2, retry_delay_seconds=[2, 10])
 def write_report(store: StoreSpec, evaluations: list[ArtifactRef],
-                 grids: dict[str, list[ArtifactRef]], timings: list[dict[str, Any]],
-                 notes: list[str], summary: dict[str, Any]) -> str:
+                 artifacts: dict[str, dict[str, list[ArtifactRef]]],
+                 timings: list[dict[str, Any]], notes: list[str], summary: dict[str, Any]) -> str:
     """Write report.md, metrics.parquet, timings.parquet and contact sheets at the run root,
-    and publish the report and timing table as Prefect artifacts. Returns the report URL."""
+    and publish the report and timing table as Prefect artifacts. Returns the report URL.
+
+    ``artifacts`` is {method: {stage: per-class refs}} for the grids and derived stages."""
     run_store: RunStore = store.open()
     metrics = pd.DataFrame([{"method": ref.scope, **ref.meta["metrics"]} for ref in evaluations])
     timing_frame = pd.DataFrame(timings)
     sheets = {}
-    for method, refs in grids.items():
-        firsts = [read_grid_images(run_store, ref)[0] for ref in refs]
+    for method, stages in artifacts.items():
+        firsts = [read_grid_images(run_store, ref)[0] for ref in stages["grids"]]
         sheets[method] = f"contact_sheet_{method}.png"
         write_png(run_store, sheets[method], contact_sheet(firsts))
-    report = render_report(metrics, timing_frame, sheets, notes, summary)
+    storage = storage_rows(run_store, artifacts)
+    report = render_report(metrics, timing_frame, storage, sheets, notes, summary)
     run_store.write_parquet("metrics.parquet", metrics)
     run_store.write_parquet("timings.parquet", timing_frame)
     run_store.write_text("report.md", report)

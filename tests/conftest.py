@@ -38,7 +38,8 @@ def write_image_folder(root: Path, per_class: int, seed_offset: int = 0) -> Path
     for index, (name, colour) in enumerate(CLASS_COLOURS.items()):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            make_image(colour, seed_offset + 1000 * index + i).save(root / name / f"img_{i:03d}.png")
+            image = make_image(colour, seed_offset + 1000 * index + i)
+            image.save(root / name / f"img_{i:03d}.png")
     return root
 
 

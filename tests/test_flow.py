@@ -74,7 +74,7 @@ def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_da
     distill(tiny_config(tiny_dataset, config.out, force_from="grids", force_classes=["beta"]))
     timings = store.read_parquet("timings.parquet")
     recomputed = timings[timings["status"] == "Completed"]
-    assert sorted(zip(recomputed["stage"], recomputed["scope"])) == [
+    assert sorted(zip(recomputed["stage"], recomputed["scope"], strict=True)) == [
         ("enhance:random", "beta"), ("enhance:ssdim", "beta"), ("evaluate", "random"),
         ("evaluate", "ssdim"), ("grids:random", "beta"), ("grids:ssdim", "beta")]
     assert [store.read_bytes(key) for key in grid_files] == before  # rewritten bit-identical

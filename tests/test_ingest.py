@@ -69,8 +69,9 @@ def test_holdout_is_seeded_sized_and_order_independent():
     mask = holdout_mask(paths, 0.2, seed=0, class_name="c")
     assert sum(mask) == 10
     shuffled = paths[::-1]
-    assert [p for p, m in zip(shuffled, holdout_mask(shuffled, 0.2, 0, "c")) if m] == sorted(
-        [p for p, m in zip(paths, mask) if m], reverse=True)
+    held_out = [p for p, m in zip(paths, mask, strict=True) if m]
+    shuffled_mask = holdout_mask(shuffled, 0.2, 0, "c")
+    assert [p for p, m in zip(shuffled, shuffled_mask, strict=True) if m] == held_out[::-1]
     assert holdout_mask(paths, 0.2, seed=1, class_name="c") != mask
 
 

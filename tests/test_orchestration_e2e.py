@@ -1,0 +1,219 @@
+"""End to end with real parts on loopback: a Prefect server, `cpu` and `gpu` process work
+pools with one worker each, the deployments from deployments/prefect.yaml, and the data, run
+root and Prefect results on a moto S3 server. Each worker gets its own PREFECT_HOME, so
+nothing can pass through a shared local disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from gridistill.storage import RunStore
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SECRET = "testing-secret-key"  # the moto fixture's throwaway AWS secret: must never be logged
+
+
+@dataclass
+class Stack:
+    api_url: str
+    env: dict[str, str]
+    logs: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, name: str, *command: str, **env: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen([str(BIN / command[0]), *command[1:]], cwd=REPO,
+                                   env=self.env | env, stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def run(self, *command: str, timeout: float = 120) -> str:
+        done = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def stop(self) -> None:
+        # SIGINT first: a Prefect worker ignores SIGTERM for a while.
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "prefect server exited; see its log"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"prefect server not healthy at {url} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, s3_endpoint) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("orchestration")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_")}
+    env |= {"PREFECT_API_URL": api_url, "PREFECT_HOME": str(home / "client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
+            "HF_HUB_OFFLINE": "1", "GRIDISTILL_SOURCE_DIR": str(REPO),
+            "PYTHONPATH": str(REPO)}
+    stack = Stack(api_url, env, home)
+    try:
+        server = stack.start("server", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), PREFECT_HOME=str(home / "server"))
+        _wait_healthy(api_url, server)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def deployed(stack: Stack, s3_endpoint) -> dict[str, str]:
+    """Pools, the `gpu` limit and the results block; a worker per pool; deploy --all."""
+    import s3fs
+
+    bucket = f"s3://orchestration-{os.getpid()}"
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(bucket)
+    stack.run("python", "-m", "deployments.setup", "--gpu-slots", "1", "--results-url",
+              f"{bucket}/prefect-results", "--storage-option", f"endpoint_url={s3_endpoint}")
+    for pool in ("cpu", "gpu"):
+        worker_home = stack.logs / f"worker-{pool}"
+        stack.start(f"worker-{pool}", "prefect", "worker", "start", "--pool", pool,
+                    "--type", "process", PREFECT_WORKER_QUERY_SECONDS="2",
+                    PREFECT_HOME=str(worker_home),
+                    PREFECT_LOCAL_STORAGE_PATH=str(worker_home / "results"))
+    stack.run("prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+              "deployments/prefect.yaml", timeout=180)
+    return {"bucket": bucket, "endpoint": s3_endpoint}
+
+
+def _flow_runs_below(client, parent_id: UUID) -> list:
+    """Every flow run started under ``parent_id`` (segments and their task subflows)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    found, frontier = [], [parent_id]
+    while frontier:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+        children = [run for run in children if run.id not in {r.id for r in found}]
+        found += children
+        frontier = [run.id for run in children]
+    return found
+
+
+def stage_task_states(client, parent_id: UUID) -> Counter:
+    """(task run name, state name) of every stage task run under the parent run."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = _flow_runs_below(client, parent_id)
+    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+        id=FlowRunFilterId(any_=[run.id for run in runs])), limit=200)
+    return Counter((run.name, run.state.name) for run in task_runs
+                   if any(tag.startswith("stage:") for tag in run.tags))
+
+
+def test_deployed_run_on_pools_then_ui_rerun_of_two_classes(stack, deployed, tiny_dataset):
+    import s3fs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter
+    from prefect.client.schemas.filters import LogFilterFlowRunId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    bucket, endpoint = deployed["bucket"], deployed["endpoint"]
+    options = {"endpoint_url": endpoint}
+    fs = s3fs.S3FileSystem(**options)
+    for split in ("train", "test"):
+        fs.put(str(tiny_dataset[split]), f"{bucket}/data/{split}", recursive=True)
+    config = dict(
+        data=f"{bucket}/data/train", test_data=f"{bucket}/data/test", out=f"{bucket}/runs/tiny",
+        storage_options=options, ipc=1, grid_size=2, grid_resolution=32,
+        methods=["ssdim", "random"], embedder="pixels-pca", enhance="bilinear", enhance_scale=2,
+        eval_image_size=16, eval_epochs=2, progress=False, device="cpu", max_workers=2,
+        result_storage="remote-file-system/gridistill-results")
+    pools = {"poll_seconds": 1}
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        started = time.perf_counter()
+        first = run_deployment("gridistill-pooled/distill", as_subflow=False, poll_interval=2,
+                               timeout=240, parameters={"config": config, "pools": pools})
+        first_seconds = time.perf_counter() - started
+        assert first.state.is_completed(), f"first run ended {first.state}"
+
+        store = RunStore(config["out"], options)
+        assert store.exists("report.md") and store.exists("metrics.parquet")
+        for stage in ("load", "embed", "select", "grids", "enhance", "evaluate"):
+            assert store.list(stage), f"no {stage} artifacts in S3"
+        assert sorted(p.rsplit("/", 1)[-1] for p in store.list("grids")) == [
+            "alpha", "beta", "gamma"]
+
+        with get_client(sync_client=True) as client:
+            states = stage_task_states(client, first.id)
+            assert {state for _, state in states} == {"Completed"}
+            # 3 classes x (load, embed) + 2 methods x 3 classes x (select, grids, enhance)
+            # + 2 evaluations
+            assert sum(states.values()) == 3 * 2 + 2 * 3 * 3 + 2
+
+            started = time.perf_counter()
+            rerun = run_deployment(
+                "gridistill-pooled/distill", as_subflow=False, poll_interval=2, timeout=240,
+                parameters={"config": config | {"force_from": "grids",
+                                                 "force_classes": ["alpha", "beta"]},
+                            "pools": pools})
+            rerun_seconds = time.perf_counter() - started
+            assert rerun.state.is_completed(), f"rerun ended {rerun.state}"
+            states = stage_task_states(client, rerun.id)
+            recomputed = Counter({key: n for key, n in states.items() if key[1] != "Cached"})
+            assert recomputed == Counter({
+                ("grids[alpha]", "Completed"): 2, ("grids[beta]", "Completed"): 2,
+                ("enhance[alpha]", "Completed"): 2, ("enhance[beta]", "Completed"): 2,
+                ("evaluate[ssdim]", "Completed"): 1, ("evaluate[random]", "Completed"): 1})
+            assert sum(n for key, n in states.items() if key[1] == "Cached") == (
+                3 * 2 + 2 * 3 + 2 * 1 * 2)  # load, embed; every select; gamma's grids, enhance
+
+            progress = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["gridistill-progress"])))
+            assert progress and max(a.data for a in progress) == 100.0
+            run_ids = [first.id, rerun.id, *(r.id for r in _flow_runs_below(client, rerun.id))]
+            logs = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=run_ids)))
+            assert logs and not [log.message for log in logs if SECRET in log.message]
+
+    timings = store.read_parquet("timings.parquet")
+    assert set(timings["status"]) == {"Cached", "Completed"}
+    print(f"\nfirst run {first_seconds:.1f}s, UI-style rerun {rerun_seconds:.1f}s")
