@@ -99,3 +99,29 @@ def test_flow_with_run_root_on_s3(prefect_harness, tiny_dataset, s3_bucket):
     assert result["report"] == f"{bucket}/runs/tiny/report.md"
     assert store.exists("report.md") and store.exists("metrics.parquet")
     assert len(store.list("grids")) == 3 and store.exists("contact_sheet_ssdim.png")
+
+
+def test_flow_with_diver_refinement_evaluates_before_and_after(prefect_harness, tmp_path):
+    from tests.conftest import make_image
+    from tests.test_refine import tiny_dit_parts
+
+    dit_dir = tmp_path / "dit"
+    for name, part in zip(["transformer", "vae", "scheduler"], tiny_dit_parts(), strict=True):
+        part.save_pretrained(dit_dir / name)
+    for split, count in [("train", 12), ("test", 4)]:
+        for index, wnid in enumerate(["n01440764", "n02102040"]):  # DiT labels come from WNIDs
+            (tmp_path / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                make_image((200 * index, 90, 200 - 200 * index), 100 * index + i + 7 * count).save(
+                    tmp_path / split / wnid / f"{i}.png")
+    config = tiny_config({"train": tmp_path / "train", "test": tmp_path / "test"},
+                         str(tmp_path / "run"), methods=["ssdim"], refine=True,
+                         dit_model=str(dit_dir), dit_vae=str(dit_dir))
+    result = distill(config)
+    assert [m["method"] for m in result["metrics"]] == ["ssdim", "ssdim+diver"]
+    store = RunStore(config.out)
+    for wnid in ["n01440764", "n02102040"]:
+        [folder] = store.list(f"refine/{wnid}")
+        refined = Image.open(io.BytesIO(store.read_bytes(f"{folder}/grid_000.png")))
+        assert refined.size == (64, 64)  # back at the enhanced grid's size
+    assert "DIVER" in store.read_bytes("report.md").decode()
