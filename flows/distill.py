@@ -2,7 +2,8 @@
 
     index ─┬─ per class: load → embed ─┬─ per method: select → grids → enhance ─┬─ evaluate
            │                            │                              [refine] ─┴─ evaluate
-           └────────────────────────────┴──────────────────────────────────────────── report
+           ├─ [teacher, soft-label protocols] ──────────────────────────────────────┘
+           └──────────────────────────────────────────────────────────────────────── report
 
 Per-class stages are fanned out with ``.map``; each returns an ``ArtifactRef`` (a pointer
 into the run root), never the data itself.
@@ -21,7 +22,13 @@ from gridistill.config import DistillConfig
 from gridistill.stages import StoreSpec
 from tasks.embed import EmbedParams, choose_embedder, embed_class
 from tasks.enhance import EnhanceParams, enhance_class, load_enhancer
-from tasks.evaluate import EvalParams, evaluate_grids
+from tasks.evaluate import (
+    EvalParams,
+    TeacherParams,
+    evaluate_grids,
+    get_protocol,
+    train_teacher_on_pool,
+)
 from tasks.grids import GridParams, assemble_class_grids
 from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
 from tasks.refine import RefineParams, imagenet_index, load_dit_for, refine_class
@@ -66,6 +73,12 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         embedder=embedder.name.split(":")[0], clip_model=config.clip_model,
         clip_pretrained=config.clip_pretrained, device=device, progress=config.progress,
     )), _each(loaded), config.forced("embed", classes))
+    protocol = get_protocol(config.eval_protocol)
+    teacher = [train_teacher_on_pool.submit(store, "all", TeacherParams(
+        checkpoint=config.teacher_checkpoint, architecture=config.teacher,
+        image_size=config.eval_image_size or protocol.image_size, seed=config.seed,
+        device=device, progress=config.progress,
+    ), [dataset], any(config.forced("teacher", classes)))] if protocol.labels == "teacher" else []
     per_method: dict[str, dict[str, list[PrefectFuture]]] = {}
     evaluations: dict[str, PrefectFuture] = {}
     for method in config.methods:
@@ -87,9 +100,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             evaluations[name] = evaluate_grids.submit(store, name, EvalParams(
                 student=config.eval_student, protocol=config.eval_protocol,
                 grid_size=config.grid_size, image_size=config.eval_image_size,
-                epochs=config.eval_epochs, ipc=config.ipc, seed=config.seed,
-                num_classes=dataset.meta["num_classes"], device=device, progress=config.progress,
-            ), [dataset, *per_class], any(config.forced("evaluate", classes)))
+                epochs=config.eval_epochs, ipc=config.ipc, seeds=config.eval_seeds,
+                seed=config.seed, num_classes=dataset.meta["num_classes"], device=device,
+                progress=config.progress,
+            ), [dataset, *teacher, *per_class], any(config.forced("evaluate", classes)))
 
     stages = {"load": loaded, "embed": embedded} | {
         f"{stage}:{method}": futures for method, by_stage in per_method.items()
@@ -108,7 +122,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             "embedder": embedder.name, "enhance": f"{config.enhance} x{config.enhance_scale}",
             "refine": f"DIVER ({config.dit_model}, gamma={config.refine_gamma})"
             if config.refine else "off",
-            "student": f"{config.eval_student}, {config.eval_protocol} protocol",
+            "student": f"{config.eval_student}, {config.eval_protocol} protocol, "
+            f"{config.eval_seeds} seeds" + (f", teacher {config.teacher}" if teacher else ""),
             "run root": config.out})
     log.info("report: %s", report_url)
     return {"report": report_url,

@@ -72,8 +72,9 @@ def _run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     print(f"\ngridistill: finished in {seconds:.1f}s; report: {result['report']}")
     for row in result["metrics"]:
-        print(f"  {row['method']:>10}: top-1 final {row['top1_final']:.2f}%  "
-              f"best {row['top1_best']:.2f}%")
+        print(f"  {row['method']:>12}: top-1 final {row['top1_final_mean']:.2f} ± "
+              f"{row['top1_final_std']:.2f}%  best {row['top1_best_mean']:.2f} ± "
+              f"{row['top1_best_std']:.2f}%  ({row['seeds']} seeds)")
     return 0
 
 

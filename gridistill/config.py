@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from gridistill.storage import content_key
 
-Stage = Literal["load", "embed", "select", "grids", "enhance", "refine", "evaluate"]
+Stage = Literal["load", "embed", "select", "grids", "enhance", "refine", "teacher", "evaluate"]
 STAGES: tuple[Stage, ...] = typing.get_args(Stage)
 
 
@@ -64,6 +64,11 @@ class DistillConfig(BaseModel):
     eval_image_size: int | None = Field(None, ge=8, description=(
         "Training/test resolution of the student (default: the protocol's)."))
     eval_epochs: int | None = Field(None, ge=1, description="Override the protocol's epochs.")
+    eval_seeds: int = Field(3, ge=1, description="Students trained per set (mean ± std).")
+    teacher: str = Field("resnet18", description=(
+        "Soft-label protocols (rded): the teacher architecture, trained on the real pool."))
+    teacher_checkpoint: str | None = Field(None, description=(
+        "Soft-label protocols: a saved teacher to use instead (class order is checked)."))
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_workers: int | None = Field(None, ge=1, description=(
         "Concurrent class tasks (default: the machine's CPU count, at most 8)."))

@@ -838,7 +838,10 @@ def harness_overhead(
             "overhead_pct": 100.0 * (best_bare / best_harness - 1.0)}
 
 
-# -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------
+# -- Prefect tasks (wiring owned by the flow; algorithms stay above this line) ---------------
+import tempfile  # noqa: E402
+
+import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -848,6 +851,84 @@ from gridistill.stages import ArtifactRef, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
 
 
+def _class_names(dataset: ArtifactRef) -> list[str]:
+    return [name for name, _, _ in dataset.meta["classes"]]
+
+
+def _to_uint8(images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
+    """(N, 3, H, W) uint8; with ``size``, each image's centre square resized to it first."""
+    from tasks.grids import center_crop_square
+
+    if size is not None:
+        images = [center_crop_square(im).resize((size, size), Image.BICUBIC) for im in images]
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])
+                            ).permute(0, 3, 1, 2).contiguous()
+
+
+def load_split(store: RunStore, dataset: ArtifactRef, size: int, split: str,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images of one split ("test", or "pool" = the validated class pools) at ``size`` px,
+    as uint8 with labels. Unreadable files are skipped, as in loading."""
+    from tasks.ingest import read_image
+
+    if split == "test":
+        rows = store.read_parquet(f"{dataset.folder}/test.parquet")
+    else:
+        rows = pd.concat([store.read_parquet(f"{dataset.folder}/classes/{name}.parquet")
+                          for name in _class_names(dataset)])
+        rows = rows[rows["split"] == split]
+    images, labels = [], []
+    for path, label in zip(rows["path"], rows["label"], strict=True):
+        decoded = read_image(path, store.storage_options)
+        if decoded.image is not None:
+            images.append(decoded.image)
+            labels.append(int(label))
+    return _to_uint8(images, size), torch.tensor(labels)
+
+
+class TeacherParams(BaseModel):
+    checkpoint: str | None = None  # a saved teacher (safetensors / weights-only dict) to reuse
+    architecture: str = "resnet18"
+    protocol: str = "cpu-small"  # a hard-label preset trains the teacher
+    image_size: int = 64
+    epochs: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+@stage_task("teacher", tags=("gpu",))
+def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: TeacherParams,
+                          upstream: list[ArtifactRef]) -> dict[str, Any]:
+    """Train the soft-label teacher on the real training pool, by the same training loop, or
+    take the given checkpoint after checking its class order against the dataset's."""
+    (dataset,) = upstream
+    with tempfile.TemporaryDirectory() as scratch:
+        if params.checkpoint:
+            given = Path(scratch) / f"given{Path(params.checkpoint).suffix}"
+            with fsspec.open(params.checkpoint, "rb", **store.storage_options) as f:
+                given.write_bytes(f.read())
+            teacher = load_teacher(given, _class_names(dataset))
+        else:
+            images, labels = load_split(store, dataset, params.image_size, "pool")
+            teacher = train_teacher(
+                images, labels, _class_names(dataset), architecture=params.architecture,
+                image_size=params.image_size, protocol=params.protocol, epochs=params.epochs,
+                seed=params.seed, device=params.device, progress=params.progress)
+        path = Path(scratch) / "teacher.safetensors"
+        save_teacher(teacher, path)
+        store.write_bytes(f"{folder}/teacher.safetensors", path.read_bytes())
+    return {"architecture": teacher.architecture, "checkpoint": params.checkpoint}
+
+
+def read_teacher(store: RunStore, ref: ArtifactRef, dataset: ArtifactRef, device: str) -> Teacher:
+    """The teacher of ``ref``, its class order checked against the dataset's."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "teacher.safetensors"
+        path.write_bytes(store.read_bytes(f"{ref.folder}/teacher.safetensors"))
+        return load_teacher(path, _class_names(dataset), device=device)
+
+
 class EvalParams(BaseModel):
     student: str = "convnet_d3"
     protocol: str = "cpu-small"
@@ -855,57 +936,51 @@ class EvalParams(BaseModel):
     image_size: int | None = None  # None: the protocol's
     epochs: int | None = None  # None: the protocol's, by IPC
     ipc: int = 1
+    seeds: int = 3
     seed: int = 0
     num_classes: int
     device: str = "cpu"
     progress: bool = True
 
 
-def load_test_set(store: RunStore, dataset: ArtifactRef, size: int) -> tuple[torch.Tensor,
-                                                                            torch.Tensor]:
-    """The dataset's real test images (centre square, ``size`` px) as uint8, with labels."""
-    from tasks.grids import center_crop_square
-    from tasks.ingest import read_image
-
-    rows = store.read_parquet(f"{dataset.folder}/test.parquet")
-    images, labels = [], []
-    for path, label in zip(rows["path"], rows["label"], strict=True):
-        decoded = read_image(path, store.storage_options)
-        if decoded.image is not None:  # unreadable test files are skipped, as in loading
-            images.append(center_crop_square(decoded.image).resize((size, size), Image.BICUBIC))
-            labels.append(int(label))
-    array = np.stack([np.asarray(im) for im in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
-
-
 @stage_task("evaluate", tags=("gpu",))
 def evaluate_grids(store: RunStore, folder: str, scope: str, params: EvalParams,
                    upstream: list[ArtifactRef]) -> dict[str, Any]:
-    """Train a student from scratch on one method's grids; test it on the real test images."""
-    from tasks.grids import pil_to_tensor, read_grid_images
+    """Train students from scratch on one method's grids (one per seed); test on real images.
 
-    dataset, *per_class = upstream
+    ``upstream`` is the dataset, optionally the teacher (for soft-label protocols), then the
+    per-class grid artifacts.
+    """
+    from tasks.grids import read_grid_images
+
+    dataset, *rest = upstream
+    teachers = [ref for ref in rest if ref.stage == "teacher"]
+    per_class = [ref for ref in rest if ref.stage != "teacher"]
     labels = {name: label for name, label, _ in dataset.meta["classes"]}
     grids, grid_labels = [], []
     for ref in per_class:
         images = read_grid_images(store, ref)
         grids += images
         grid_labels += [labels[ref.scope]] * len(images)
-    train = pil_to_tensor(grids).mul(255).round().to(torch.uint8)
-    # Decode test images once at the protocol's resize size; its CenterCrop does the rest.
     protocol = get_protocol(params.protocol)
     size = params.image_size or protocol.image_size
-    test_images, test_labels = load_test_set(store, dataset,
-                                             round(size * protocol.val_resize_ratio))
-    result = train_and_evaluate(
-        train, torch.tensor(grid_labels), test_images, test_labels,
-        num_classes=params.num_classes, student=params.student, protocol=params.protocol,
-        grid_size=params.grid_size, image_size=params.image_size, epochs=params.epochs,
-        ipc=params.ipc, seed=params.seed, device=params.device, progress=params.progress)
-    store.write_parquet(f"{folder}/history.parquet", pd.DataFrame(result["history"]))
-    metrics = {"student": params.student, "protocol": params.protocol,
-               "top1_final": result["top1_final"], "top1_best": result["top1_best"],
-               "epochs": result["epochs"], "train_grids": len(grids),
-               "test_images": len(test_labels)}
+    # Decode test images once at the protocol's resize size; its CenterCrop does the rest.
+    test_images, test_labels = load_split(store, dataset, round(size * protocol.val_resize_ratio),
+                                          "test")
+    teacher = read_teacher(store, teachers[0], dataset, params.device) if teachers else None
+    result = train_and_evaluate_seeds(
+        _to_uint8(grids), torch.tensor(grid_labels), test_images, test_labels,
+        seeds=[params.seed + i for i in range(params.seeds)], num_classes=params.num_classes,
+        student=params.student, protocol=params.protocol, grid_size=params.grid_size,
+        image_size=params.image_size, epochs=params.epochs, ipc=params.ipc, teacher=teacher,
+        class_names=_class_names(dataset) if teacher else None, device=params.device,
+        progress=params.progress)
+    history = pd.DataFrame([dict(row, seed=run_seed) for run_seed, run in
+                            zip(range(params.seed, params.seed + params.seeds), result["runs"],
+                                strict=True) for row in run["history"]])
+    store.write_parquet(f"{folder}/history.parquet", history)
+    metrics = {"student": params.student, "protocol": params.protocol, "ipc": params.ipc,
+               "seeds": params.seeds, "train_grids": len(grids), "test_images": len(test_labels),
+               **{k: round(v, 2) for k, v in result.items() if k.startswith("top1_")}}
     store.write_parquet(f"{folder}/metrics.parquet", pd.DataFrame([metrics]))
     return {"metrics": metrics}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,30 @@ def contact_sheet(images: Sequence[Image.Image], columns: int = 5, size: int = 1
         row, col = divmod(index, columns)
         sheet.paste(image.resize((size, size), Image.LANCZOS), (col * size, row * size))
     return sheet
+
+
+def accuracy_plot(metrics: pd.DataFrame) -> bytes:
+    """PNG: top-1 (mean ± std over seeds) against IPC, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: workers have no display
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(5, 3.2), dpi=120)
+    for method, rows in metrics.groupby("method", sort=False):
+        rows = rows.sort_values("ipc")
+        axes.errorbar(rows["ipc"], rows["top1_final_mean"], yerr=rows["top1_final_std"],
+                      marker="o", capsize=4, label=method)
+    axes.set(xlabel="images per class (IPC)", ylabel="top-1 (%), final epoch",
+             title="Accuracy on real test images")
+    axes.set_xscale("log")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    pyplot.close(figure)
+    return buffer.getvalue()
 
 
 def storage_rows(store: RunStore, artifacts: dict[str, dict[str, list[ArtifactRef]]]
@@ -48,9 +73,11 @@ def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, storage: pd.Data
     if notes:
         lines += ["", "## Warnings", ""] + [f"> **{note}**" for note in notes]
     lines += ["", "## Accuracy on real test images", "",
-              "Top-1 (%) of the student trained from scratch on the distilled grids. `final` is "
-              "the last epoch, `best` the best epoch (peers such as RDED report best).", ""]
-    lines += [metrics.to_markdown(index=False, floatfmt=".2f"), ""]
+              "Top-1 (%) of students trained from scratch on each distilled set, mean ± std "
+              "over seeds. `final` is the last epoch; `best` the best evaluated epoch (peers "
+              "such as RDED report best). The plot shows `final`.", ""]
+    lines += [metrics.to_markdown(index=False, floatfmt=".2f"), "",
+              "![accuracy vs IPC](accuracy.png)", ""]
     lines += ["## Distilled grids (first grid of each class)", ""]
     lines += [f"**{method}**\n\n![{method}]({path})\n" for method, path in sheets.items()]
     lines += ["## Storage", "", "The distilled set is the grids at storage resolution; enhanced "
@@ -81,11 +108,13 @@ def write_report(store: StoreSpec, evaluations: list[ArtifactRef],
     storage = storage_rows(run_store, artifacts)
     report = render_report(metrics, timing_frame, storage, sheets, notes, summary)
     run_store.write_parquet("metrics.parquet", metrics)
+    run_store.write_bytes("accuracy.png", accuracy_plot(metrics))
     run_store.write_parquet("timings.parquet", timing_frame)
     run_store.write_text("report.md", report)
     create_table_artifact(key="gridistill-timings", table=timing_frame.to_dict("records"),
                           description="Per-class, per-stage timings (Cached = reused).")
     create_markdown_artifact(key="gridistill-report", markdown=report.replace(
-        "](contact_sheet_", f"]({run_store.url('')}/contact_sheet_"),
+        "](contact_sheet_", f"]({run_store.url('')}/contact_sheet_").replace(
+        "](accuracy.png", f"]({run_store.url('')}/accuracy.png"),
         description=f"Run report; files under {run_store.url('')}")
     return run_store.url("report.md")

@@ -387,7 +387,7 @@ class _SwapState:
         return alpha * coverage + beta * logdet + gamma * spectral
 
     def swap(self, position: int, candidate: int) -> None:
-        """Put ``candidate`` at ``position``, updating the state in ``O(M + k^2)``."""
+        """Put ``candidate`` at ``position``; ``O(M log M + k^2)``, no new factorisation."""
         row = self.kernel.rows(np.array([candidate]))[0]
         # A^{-1} without the leaving image: B - b b^T / b_s (row and column s become zero) ...
         inverse = self.inverse

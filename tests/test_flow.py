@@ -18,8 +18,8 @@ def tiny_config(dataset, out: str, **overrides) -> DistillConfig:
     settings = dict(
         data=str(dataset["train"]), test_data=str(dataset["test"]), out=out, ipc=1,
         grid_size=2, grid_resolution=32, methods=["ssdim", "random"], embedder="pixels-pca",
-        enhance="bilinear", enhance_scale=2, eval_image_size=16, eval_epochs=2, progress=False,
-        device="cpu",
+        enhance="bilinear", enhance_scale=2, eval_image_size=16, eval_epochs=2, eval_seeds=1,
+        progress=False, device="cpu",
     )
     return DistillConfig(**(settings | overrides))
 
@@ -37,7 +37,7 @@ def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_da
 
     assert {m["method"] for m in result["metrics"]} == {"ssdim", "random"}
     for row in result["metrics"]:
-        assert 0.0 <= row["top1_final"] <= 100.0 and row["test_images"] == 18
+        assert 0.0 <= row["top1_final_mean"] <= 100.0 and row["test_images"] == 18
     first_metrics = store.read_parquet("metrics.parquet")
     report = store.read_bytes("report.md").decode()
     assert "| ssdim" in report and "EMBEDDER" not in report  # pixels-pca chosen explicitly
@@ -125,3 +125,16 @@ def test_flow_with_diver_refinement_evaluates_before_and_after(prefect_harness, 
         refined = Image.open(io.BytesIO(store.read_bytes(f"{folder}/grid_000.png")))
         assert refined.size == (64, 64)  # back at the enhanced grid's size
     assert "DIVER" in store.read_bytes("report.md").decode()
+
+
+def test_flow_rded_protocol_trains_a_teacher_and_uses_it(prefect_harness, tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, str(tmp_path / "run"), methods=["random"],
+                         eval_protocol="rded", teacher="convnet_d3", eval_seeds=2)
+    result = distill(config)
+    store = RunStore(config.out)
+    [row] = result["metrics"]
+    assert row["protocol"] == "rded" and row["seeds"] == 2 and row["top1_final_std"] >= 0
+    [teacher_folder] = store.list("teacher/all")
+    assert store.exists(f"{teacher_folder}/teacher.safetensors")
+    assert store.read_bytes("accuracy.png").startswith(b"\x89PNG")
+    assert "teacher convnet_d3" in store.read_bytes("report.md").decode()
