@@ -47,12 +47,14 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     log = get_run_logger()
     store = StoreSpec(root=config.out, storage_options=config.storage_options)
     device = config.resolved_device()
-    enhance = EnhanceParams(backend=config.enhance, scale=config.enhance_scale, seed=config.seed,
-                            device=device, progress=config.progress)
+    enhancers = {backend: EnhanceParams(backend=backend, scale=config.enhance_scale,
+                                        seed=config.seed, device=device, progress=config.progress)
+                 for backend in config.enhance}
     refine = RefineParams(dit=config.dit_model, vae=config.dit_vae, gamma=config.refine_gamma,
                           seed=config.seed, device=device, progress=config.progress)
     # Missing weights stop the run here, before any data is read.
-    load_enhancer(enhance)
+    for enhance in enhancers.values():
+        load_enhancer(enhance)
     if config.refine:
         load_dit_for(refine)
     embedder = choose_embedder(config.embedder, clip_model=config.clip_model,
@@ -88,14 +90,18 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         grids = assemble_class_grids.map(every, classes, unmapped(GridParams(
             grid_size=config.grid_size, resolution=config.grid_resolution,
         )), _each(selected), config.forced("grids", classes))
-        enhanced = enhance_class.map(every, classes, unmapped(enhance), _each(grids, dataset),
-                                     config.forced("enhance", classes))
-        per_method[method] = {"select": selected, "grids": grids, "enhance": enhanced}
-        trained_on = {method: enhanced}
-        if config.refine:
-            refined = refine_class.map(every, classes, unmapped(refine), _each(enhanced),
-                                       config.forced("refine", classes))
-            per_method[method]["refine"] = trained_on[f"{method}+diver"] = refined
+        per_method[method] = {"select": selected, "grids": grids}
+        trained_on: dict[str, list[PrefectFuture]] = {}
+        for backend, enhance in enhancers.items():  # several backends: an ablation
+            name, label = (method, "") if len(enhancers) == 1 else (f"{method}+{backend}",
+                                                                     f"[{backend}]")
+            enhanced = enhance_class.map(every, classes, unmapped(enhance), _each(grids, dataset),
+                                         config.forced("enhance", classes))
+            per_method[method][f"enhance{label}"] = trained_on[name] = enhanced
+            if config.refine:
+                refined = refine_class.map(every, classes, unmapped(refine), _each(enhanced),
+                                           config.forced("refine", classes))
+                per_method[method][f"refine{label}"] = trained_on[f"{name}+diver"] = refined
         for name, per_class in trained_on.items():
             evaluations[name] = evaluate_grids.submit(store, name, EvalParams(
                 student=config.eval_student, protocol=config.eval_protocol,
@@ -119,7 +125,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             "data": config.data, "test data": config.test_data or "held out from data",
             "classes": len(classes), "ipc": config.ipc,
             "grid": f"{config.grid_size}x{config.grid_size} at {config.grid_resolution}px",
-            "embedder": embedder.name, "enhance": f"{config.enhance} x{config.enhance_scale}",
+            "embedder": embedder.name,
+            "enhance": f"{', '.join(config.enhance)} x{config.enhance_scale}",
             "refine": f"DIVER ({config.dit_model}, gamma={config.refine_gamma})"
             if config.refine else "off",
             "student": f"{config.eval_student}, {config.eval_protocol} protocol, "

@@ -51,7 +51,13 @@ from gridistill.runners import build_task_runner
 from gridistill.stages import ArtifactRef, StoreSpec
 from tasks.embed import EmbedParams, choose_embedder, embed_class
 from tasks.enhance import EnhanceParams, enhance_class, load_enhancer
-from tasks.evaluate import EvalParams, evaluate_grids
+from tasks.evaluate import (
+    EvalParams,
+    TeacherParams,
+    evaluate_grids,
+    get_protocol,
+    train_teacher_on_pool,
+)
 from tasks.grids import GridParams, assemble_class_grids
 from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
 from tasks.refine import RefineParams, imagenet_index, load_dit_for, refine_class
@@ -116,7 +122,7 @@ SEGMENTS: tuple[Segment, ...] = (
     Segment("enhance", "gpu", True),
     Segment("evaluate", "gpu", False),
 )
-GPU_STAGES = ("embed", "enhance", "refine", "evaluate")
+GPU_STAGES = ("embed", "enhance", "refine", "teacher", "evaluate")
 
 
 # -- secrets never reach a log ---------------------------------------------------------------
@@ -220,43 +226,62 @@ def _select_grids(run: _SegmentRun) -> None:
         ), [[selected[name]] for name in run.request.classes], "grids")
 
 
-def enhance_params(config: DistillConfig, device: str) -> EnhanceParams:
-    return EnhanceParams(backend=config.enhance, scale=config.enhance_scale, seed=config.seed,
-                         device=device, progress=config.progress)
-
-
-def refine_params(config: DistillConfig, device: str) -> RefineParams:
-    return RefineParams(dit=config.dit_model, vae=config.dit_vae, gamma=config.refine_gamma,
-                        seed=config.seed, device=device, progress=config.progress)
+def enhance_suffixes(config: DistillConfig) -> dict[str, str]:
+    """Backend -> the suffix of its stage labels: none for one backend, ``[backend]`` for an
+    ablation over several (the labels flows/distill.py uses)."""
+    return {backend: "" if len(config.enhance) == 1 else f"[{backend}]"
+            for backend in config.enhance}
 
 
 def _enhance(run: _SegmentRun) -> None:
     config = run.config
-    enhance, refine = enhance_params(config, run.device), refine_params(config, run.device)
+    enhancers = {backend: EnhanceParams(backend=backend, scale=config.enhance_scale,
+                                        seed=config.seed, device=run.device,
+                                        progress=config.progress)
+                 for backend in config.enhance}
+    refine = RefineParams(dit=config.dit_model, vae=config.dit_vae, gamma=config.refine_gamma,
+                          seed=config.seed, device=run.device, progress=config.progress)
     # Missing weights stop the segment before any class is touched.
-    load_enhancer(enhance)
+    for enhance in enhancers.values():
+        load_enhancer(enhance)
     if config.refine:
         load_dit_for(refine)
     for method in config.methods:
-        run.fan_out(f"enhance:{method}", enhance_class, enhance,
-                    run.upstream(f"grids:{method}", run.request.dataset), "enhance")
-        if config.refine:
-            enhanced = run.futures[f"enhance:{method}"]
-            run.fan_out(f"refine:{method}", refine_class, refine,
-                        [[enhanced[name]] for name in run.request.classes], "refine")
+        for backend, suffix in enhance_suffixes(config).items():
+            run.fan_out(f"enhance{suffix}:{method}", enhance_class, enhancers[backend],
+                        run.upstream(f"grids:{method}", run.request.dataset), "enhance")
+            if config.refine:
+                enhanced = run.futures[f"enhance{suffix}:{method}"]
+                run.fan_out(f"refine{suffix}:{method}", refine_class, refine,
+                            [[enhanced[name]] for name in run.request.classes], "refine")
 
 
 def trained_on(config: DistillConfig) -> dict[str, str]:
-    """Evaluated set name -> the stage label whose grids it trains on."""
-    names = {method: f"enhance:{method}" for method in config.methods}
-    if config.refine:
-        names |= {f"{method}+diver": f"refine:{method}" for method in config.methods}
+    """Evaluated set name -> the stage label whose grids it trains on (distill.py's order)."""
+    names = {}
+    for method in config.methods:
+        for backend, suffix in enhance_suffixes(config).items():
+            name = f"{method}+{backend}" if suffix else method
+            names[name] = f"enhance{suffix}:{method}"
+            if config.refine:
+                names[f"{name}+diver"] = f"refine{suffix}:{method}"
     return names
 
 
 def _evaluate(run: _SegmentRun) -> None:
     config, request = run.config, run.request
     dataset = request.dataset
+    protocol = get_protocol(config.eval_protocol)
+    # Soft-label protocols need a teacher trained on the real pool; a GPU stage, so here.
+    teacher = [_with_storage(train_teacher_on_pool, config).submit(
+        run.store, "all", TeacherParams(
+            checkpoint=config.teacher_checkpoint, architecture=config.teacher,
+            image_size=config.eval_image_size or protocol.image_size, seed=config.seed,
+            device=run.device, progress=config.progress,
+        ), [dataset], any(config.forced("teacher", request.classes)),
+    )] if protocol.labels == "teacher" else []
+    if teacher:
+        run.futures["teacher"] = {"all": teacher[0]}
     force = any(config.forced("evaluate", request.classes))
     evaluations = {}
     for name, label in trained_on(config).items():
@@ -264,10 +289,11 @@ def _evaluate(run: _SegmentRun) -> None:
             run.store, name, EvalParams(
                 student=config.eval_student, protocol=config.eval_protocol,
                 grid_size=config.grid_size, image_size=config.eval_image_size,
-                epochs=config.eval_epochs, ipc=config.ipc, seed=config.seed,
-                num_classes=dataset.meta["num_classes"], device=run.device,
+                epochs=config.eval_epochs, ipc=config.ipc, seeds=config.eval_seeds,
+                seed=config.seed, num_classes=dataset.meta["num_classes"], device=run.device,
                 progress=config.progress,
-            ), [dataset, *(request.upstream[label][c] for c in request.classes)], force)
+            ), [dataset, *teacher, *(request.upstream[label][c] for c in request.classes)],
+            force)
     run.futures["evaluate"] = evaluations
 
 
@@ -402,22 +428,35 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
     run_store = store.open()
     evaluations = [refs["evaluate"][name] for name in trained_on(config)]
     report_url = write_report(
-        store, evaluations,
-        {m: [refs[f"grids:{m}"][c] for c in classes] for m in config.methods}, timings, notes,
+        store, evaluations, per_method_artifacts(refs, config.methods, classes), timings, notes,
         summary={
             "data": config.data, "test data": config.test_data or "held out from data",
             "classes": len(classes), "ipc": config.ipc,
             "grid": f"{config.grid_size}x{config.grid_size} at {config.grid_resolution}px",
-            "embedder": embedder, "enhance": f"{config.enhance} x{config.enhance_scale}",
+            "embedder": embedder,
+            "enhance": f"{', '.join(config.enhance)} x{config.enhance_scale}",
             "refine": f"DIVER ({config.dit_model}, gamma={config.refine_gamma})"
             if config.refine else "off",
-            "student": f"{config.eval_student}, {config.eval_protocol} protocol",
+            "student": f"{config.eval_student}, {config.eval_protocol} protocol, "
+            f"{config.eval_seeds} seeds" + (f", teacher {config.teacher}" if "teacher" in refs
+                                            else ""),
             "run root": config.out, "pools": f"{pools.cpu_deployment}, {pools.gpu_deployment}"})
     _publish_links(run_store.url(""), refs)
     log.info("report: %s", report_url)
     return {"report": report_url,
             "metrics": [refs["evaluate"][name].meta["metrics"] | {"method": name}
                         for name in trained_on(config)]}
+
+
+def per_method_artifacts(refs: Refs, methods: list[str],
+                         classes: list[str]) -> dict[str, dict[str, list[ArtifactRef]]]:
+    """{method: {stage: per-class refs}} of the grids and derived stages, for the report."""
+    artifacts: dict[str, dict[str, list[ArtifactRef]]] = {method: {} for method in methods}
+    for label, per_class in refs.items():
+        stage, _, method = label.partition(":")
+        if method in artifacts and stage != "select":
+            artifacts[method][stage] = [per_class[name] for name in classes]
+    return artifacts
 
 
 def _stage_folders(root_url: str, refs: Refs) -> Iterator[tuple[str, str, str]]:

@@ -52,7 +52,9 @@ class DistillConfig(BaseModel):
     clip_pretrained: str = Field("laion2b_s34b_b79k", description=(
         "open_clip pretrained tag, or a local checkpoint file."))
     grid_resolution: int = Field(224, ge=8, description="Storage resolution of each grid (px).")
-    enhance: str = Field("bilinear", description="Detail enhancement backend for the grids.")
+    enhance: list[str] = Field(default_factory=lambda: ["bilinear"], description=(
+        "Detail enhancement backend(s): none, bilinear, bicubic, sd-turbo. Several run an "
+        "ablation: each is evaluated as <method>+<backend>."))
     enhance_scale: int = Field(4, ge=1, description="Upscaling factor of the enhancement.")
     refine: bool = Field(False, description=(
         "Run DIVER refinement on the enhanced grids and evaluate before and after it."))

@@ -18,7 +18,7 @@ def tiny_config(dataset, out: str, **overrides) -> DistillConfig:
     settings = dict(
         data=str(dataset["train"]), test_data=str(dataset["test"]), out=out, ipc=1,
         grid_size=2, grid_resolution=32, methods=["ssdim", "random"], embedder="pixels-pca",
-        enhance="bilinear", enhance_scale=2, eval_image_size=16, eval_epochs=2, eval_seeds=1,
+        enhance=["bilinear"], enhance_scale=2, eval_image_size=16, eval_epochs=2, eval_seeds=1,
         progress=False, device="cpu",
     )
     return DistillConfig(**(settings | overrides))
@@ -84,17 +84,19 @@ def test_missing_sd_turbo_weights_stop_the_run_before_any_work(prefect_harness, 
                                                                tmp_path):
     from gridistill.models import MissingWeightsError
 
-    config = tiny_config(tiny_dataset, str(tmp_path / "run"), enhance="sd-turbo")
+    config = tiny_config(tiny_dataset, str(tmp_path / "run"), enhance=["sd-turbo"])
     with pytest.raises(MissingWeightsError, match="(?s)stabilityai/sd-turbo.*supply"):
         distill(config)
     assert not (tmp_path / "run").exists()
 
 
-def test_flow_with_run_root_on_s3(prefect_harness, tiny_dataset, s3_bucket):
+def test_flow_with_run_root_on_s3_and_an_enhancement_ablation(prefect_harness, tiny_dataset,
+                                                               s3_bucket):
     bucket, options = s3_bucket
     config = tiny_config(tiny_dataset, f"{bucket}/runs/tiny", storage_options=options,
-                         methods=["ssdim"])
+                         methods=["ssdim"], enhance=["none", "bicubic"])
     result = distill(config)
+    assert [m["method"] for m in result["metrics"]] == ["ssdim+none", "ssdim+bicubic"]
     store = RunStore(config.out, options)
     assert result["report"] == f"{bucket}/runs/tiny/report.md"
     assert store.exists("report.md") and store.exists("metrics.parquet")
