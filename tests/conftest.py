@@ -22,6 +22,18 @@ os.environ.update({
     "PREFECT_LOGGING_LEVEL": "WARNING",
 })
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Test models are tiny and the 2-core CI machine runs other work: one thread is fastest
+    (more only spin-wait) and keeps results independent of the core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CLASS_COLOURS = {"alpha": (200, 40, 40), "beta": (40, 200, 40), "gamma": (40, 40, 200)}
 
 

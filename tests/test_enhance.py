@@ -51,14 +51,6 @@ TINY_PREDICTOR = dict(block_out_channels=(16, 32), layers_per_block=(1, 1), late
                       norm_num_groups=8, temb_channels=32, attention_head_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machines are 2-core and shared: one thread is faster than contended threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny() -> StableDiffusionComponents:

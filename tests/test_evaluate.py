@@ -33,16 +33,6 @@ from tasks.evaluate import (
     train_teacher,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests are small on purpose and the CI machine is shared: one thread each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 COLOURS = torch.tensor([[220, 40, 40], [40, 200, 40], [40, 40, 220], [210, 210, 40]])
 
 

@@ -34,14 +34,6 @@ def tiny_dit_parts() -> tuple[DiTTransformer2DModel, AutoencoderKL, DDIMSchedule
     return transformer, vae, scheduler
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; more only spin-wait on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def components() -> DiTBundle:
