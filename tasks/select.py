@@ -912,6 +912,7 @@ from typing import Any  # noqa: E402
 
 import pandas as pd  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from gridistill.stages import ArtifactRef, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
@@ -934,7 +935,9 @@ def select_class(store: RunStore, folder: str, scope: str, params: SelectParams,
     table, vectors = read_embeddings(store, embedded)
     cells = params.grid_size**2
     k, needs_fill = plan_selection(len(table), params.ipc, cells)
-    order = select(params.method, vectors, k, seed=params.seed)
+    # Classes already run in parallel: extra BLAS threads only wait for busy cores (10x slower).
+    with threadpool_limits(1):
+        order = select(params.method, vectors, k, seed=params.seed)
     if needs_fill:
         order = fill_by_cycling(order, params.ipc * cells)
     grids = partition_into_grids(vectors, order, params.ipc, cells)

@@ -68,6 +68,18 @@ def test_lazy_greedy_picks_what_plain_greedy_picks(seed):
     np.testing.assert_array_equal(lazy, plain)
 
 
+def test_first_coverage_bounds_bound_the_gains_greedy_computes():
+    # Includes antipodal pairs, where float32 cosines can dip just below the floor -1.
+    embeddings = clustered(200, 64, clusters=4, seed=9).astype(np.float32)
+    embeddings[100:] = -embeddings[:100]
+    unit = selection.normalise_embeddings(embeddings)
+    state = selection._GreedyState(selection._Kernel(unit, dense=True), 5, 1e-3)
+    gains = selection._all_coverage_gains(state)
+    bounds = selection._first_coverage_bounds(unit)
+    assert np.all(bounds >= gains)
+    np.testing.assert_allclose(bounds, gains, atol=1e-2)
+
+
 @pytest.mark.parametrize("k", [1, 2, 8])
 def test_swap_deltas_are_exact_changes_of_the_objective(k):
     embeddings = clustered(50, 12, clusters=5, seed=k)
@@ -204,6 +216,8 @@ def test_unknown_names_and_bad_indices_raise_value_error():
         selection.select("nope", embeddings, 3)
     with pytest.raises(ValueError, match="solver"):
         selection.ssdim(embeddings, 3, solver="nope")
+    with pytest.raises(ValueError, match=">= 0"):
+        selection.ssdim(embeddings, 3, beta=-0.1)
     for indices in ([], [0, 0], [0, 20], [-1, 2]):
         with pytest.raises(ValueError, match="indices"):
             selection.ssdim_objective(embeddings, indices)
