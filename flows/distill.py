@@ -81,6 +81,11 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         image_size=config.eval_image_size or protocol.image_size, seed=config.seed,
         device=device, progress=config.progress,
     ), [dataset], any(config.forced("teacher", classes)))] if protocol.labels == "teacher" else []
+    eval_params = EvalParams(
+        student=config.eval_student, protocol=config.eval_protocol, grid_size=config.grid_size,
+        image_size=config.eval_image_size, epochs=config.eval_epochs, ipc=config.ipc,
+        seeds=config.eval_seeds, seed=config.seed, num_classes=dataset.meta["num_classes"],
+        device=device, progress=config.progress)
     per_method: dict[str, dict[str, list[PrefectFuture]]] = {}
     evaluations: dict[str, PrefectFuture] = {}
     for method in config.methods:
@@ -102,14 +107,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
                 refined = refine_class.map(every, classes, unmapped(refine), _each(enhanced),
                                            config.forced("refine", classes))
                 per_method[method][f"refine{label}"] = trained_on[f"{name}+diver"] = refined
-        for name, per_class in trained_on.items():
-            evaluations[name] = evaluate_grids.submit(store, name, EvalParams(
-                student=config.eval_student, protocol=config.eval_protocol,
-                grid_size=config.grid_size, image_size=config.eval_image_size,
-                epochs=config.eval_epochs, ipc=config.ipc, seeds=config.eval_seeds,
-                seed=config.seed, num_classes=dataset.meta["num_classes"], device=device,
-                progress=config.progress,
-            ), [dataset, *teacher, *per_class], any(config.forced("evaluate", classes)))
+        evaluations |= {name: evaluate_grids.submit(
+            store, name, eval_params, [dataset, *teacher, *per_class],
+            any(config.forced("evaluate", classes))) for name, per_class in trained_on.items()}
 
     stages = {"load": loaded, "embed": embedded} | {
         f"{stage}:{method}": futures for method, by_stage in per_method.items()
@@ -117,25 +117,29 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     timings = timing_rows(stages, classes) + timing_rows(
         {"evaluate": list(evaluations.values())}, list(evaluations))
     report_url = write_report(
-        store, [future.result() for future in evaluations.values()],
+        store, dataset, [future.result() for future in evaluations.values()],
         {method: {stage: [f.result() for f in futures] for stage, futures in by_stage.items()
                   if stage != "select"} for method, by_stage in per_method.items()},
-        timings, notes,
-        summary={
-            "data": config.data, "test data": config.test_data or "held out from data",
-            "classes": len(classes), "ipc": config.ipc,
-            "grid": f"{config.grid_size}x{config.grid_size} at {config.grid_resolution}px",
-            "embedder": embedder.name,
-            "enhance": f"{', '.join(config.enhance)} x{config.enhance_scale}",
-            "refine": f"DIVER ({config.dit_model}, gamma={config.refine_gamma})"
-            if config.refine else "off",
-            "student": f"{config.eval_student}, {config.eval_protocol} protocol, "
-            f"{config.eval_seeds} seeds" + (f", teacher {config.teacher}" if teacher else ""),
-            "run root": config.out})
+        timings, notes, run_summary(config, embedder.name, with_teacher=bool(teacher)))
     log.info("report: %s", report_url)
     return {"report": report_url,
             "metrics": [f.result().meta["metrics"] | {"method": name}
                         for name, f in evaluations.items()]}
+
+
+def run_summary(config: DistillConfig, embedder: str, with_teacher: bool) -> dict[str, Any]:
+    """The setup lines at the top of the report."""
+    teacher = f", teacher {config.teacher}" if with_teacher else ""
+    return {
+        "data": config.data, "test data": config.test_data or "held out from data",
+        "ipc": config.ipc, "embedder": embedder,
+        "grid": f"{config.grid_size}x{config.grid_size} at {config.grid_resolution}px",
+        "enhance": f"{', '.join(config.enhance)} x{config.enhance_scale}",
+        "refine": f"DIVER ({config.dit_model}, gamma={config.refine_gamma})"
+        if config.refine else "off",
+        "student": f"{config.eval_student}, {config.eval_protocol} protocol, "
+                   f"{config.eval_seeds} seeds{teacher}",
+        "run root": config.out}
 
 
 def timing_rows(futures: dict[str, list[PrefectFuture]], scopes: list[str]) -> list[dict[str, Any]]:

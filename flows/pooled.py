@@ -49,20 +49,6 @@ from pydantic import BaseModel, Field
 from gridistill.config import DistillConfig
 from gridistill.runners import build_task_runner
 from gridistill.stages import ArtifactRef, StoreSpec
-from tasks.embed import EmbedParams, choose_embedder, embed_class
-from tasks.enhance import EnhanceParams, enhance_class, load_enhancer
-from tasks.evaluate import (
-    EvalParams,
-    TeacherParams,
-    evaluate_grids,
-    get_protocol,
-    train_teacher_on_pool,
-)
-from tasks.grids import GridParams, assemble_class_grids
-from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
-from tasks.refine import RefineParams, imagenet_index, load_dit_for, refine_class
-from tasks.report import write_report
-from tasks.select import SelectParams, select_class
 
 SegmentName = Literal["load", "embed", "select-grids", "enhance", "evaluate"]
 Pool = Literal["cpu", "gpu"]
@@ -90,9 +76,12 @@ class PoolOptions(BaseModel):
 
 
 class SegmentRequest(BaseModel):
-    """Everything one segment run needs; sent as the stage flow's only parameter."""
+    """Everything one segment run needs; sent as the stage flow's only parameter.
 
-    segment: SegmentName
+    ``segments`` are consecutive segments of one pool, run back to back in this one process
+    (see :func:`plan_runs`)."""
+
+    segments: list[SegmentName]
     config: DistillConfig
     dataset: ArtifactRef
     classes: list[str]
@@ -182,8 +171,14 @@ class _SegmentRun:
     def config(self) -> DistillConfig:
         return self.request.config
 
-    def upstream(self, label: str, *also: ArtifactRef) -> list[list[ArtifactRef]]:
-        return [[self.request.upstream[label][name], *also] for name in self.request.classes]
+    def ref(self, label: str, name: str) -> ArtifactRef | PrefectFuture:
+        """A class's output of an earlier stage: from this run when it made it, else sent."""
+        if label in self.futures:
+            return self.futures[label][name]
+        return self.request.upstream[label][name]
+
+    def upstream(self, label: str, *also: ArtifactRef) -> list[list[Any]]:
+        return [[self.ref(label, name), *also] for name in self.request.classes]
 
     def fan_out(self, label: str, stage_task: Any, params: BaseModel,
                 upstream: list[list[Any]], stage: str) -> None:
@@ -195,12 +190,18 @@ class _SegmentRun:
         self.futures[label] = dict(zip(classes, futures, strict=True))
 
 
+# Each segment body imports only its own stage modules: a segment run is a fresh process on
+# a worker, and importing every stage (diffusers, timm, open_clip) would add ~15 s to each.
 def _load(run: _SegmentRun) -> None:
+    from tasks.ingest import LoadParams, load_class
+
     classes = run.request.classes
     run.fan_out("load", load_class, LoadParams(), [[run.request.dataset]] * len(classes), "load")
 
 
 def _embed(run: _SegmentRun) -> None:
+    from tasks.embed import EmbedParams, choose_embedder, embed_class
+
     config = run.config
     # Resolved here, on the GPU worker, because that is where the CLIP weights are.
     choice = choose_embedder(config.embedder, clip_model=config.clip_model,
@@ -215,6 +216,9 @@ def _embed(run: _SegmentRun) -> None:
 
 
 def _select_grids(run: _SegmentRun) -> None:
+    from tasks.grids import GridParams, assemble_class_grids
+    from tasks.select import SelectParams, select_class
+
     config = run.config
     for method in config.methods:
         run.fan_out(f"select:{method}", select_class, SelectParams(
@@ -234,17 +238,22 @@ def enhance_suffixes(config: DistillConfig) -> dict[str, str]:
 
 
 def _enhance(run: _SegmentRun) -> None:
+    from tasks.enhance import EnhanceParams, enhance_class, load_enhancer
+
     config = run.config
     enhancers = {backend: EnhanceParams(backend=backend, scale=config.enhance_scale,
                                         seed=config.seed, device=run.device,
                                         progress=config.progress)
                  for backend in config.enhance}
-    refine = RefineParams(dit=config.dit_model, vae=config.dit_vae, gamma=config.refine_gamma,
-                          seed=config.seed, device=run.device, progress=config.progress)
     # Missing weights stop the segment before any class is touched.
     for enhance in enhancers.values():
         load_enhancer(enhance)
     if config.refine:
+        from tasks.refine import RefineParams, load_dit_for, refine_class
+
+        refine = RefineParams(dit=config.dit_model, vae=config.dit_vae,
+                              gamma=config.refine_gamma, seed=config.seed, device=run.device,
+                              progress=config.progress)
         load_dit_for(refine)
     for method in config.methods:
         for backend, suffix in enhance_suffixes(config).items():
@@ -269,6 +278,14 @@ def trained_on(config: DistillConfig) -> dict[str, str]:
 
 
 def _evaluate(run: _SegmentRun) -> None:
+    from tasks.evaluate import (
+        EvalParams,
+        TeacherParams,
+        evaluate_grids,
+        get_protocol,
+        train_teacher_on_pool,
+    )
+
     config, request = run.config, run.request
     dataset = request.dataset
     protocol = get_protocol(config.eval_protocol)
@@ -292,7 +309,7 @@ def _evaluate(run: _SegmentRun) -> None:
                 epochs=config.eval_epochs, ipc=config.ipc, seeds=config.eval_seeds,
                 seed=config.seed, num_classes=dataset.meta["num_classes"], device=run.device,
                 progress=config.progress,
-            ), [dataset, *teacher, *(request.upstream[label][c] for c in request.classes)],
+            ), [dataset, *teacher, *(run.ref(label, name) for name in request.classes)],
             force)
     run.futures["evaluate"] = evaluations
 
@@ -309,7 +326,8 @@ def _segment_tasks(request: SegmentRequest, device: str) -> SegmentOutput:
     config = request.config
     run = _SegmentRun(request, device, StoreSpec(root=config.out,
                                                  storage_options=config.storage_options), {}, [])
-    SEGMENT_BODIES[request.segment](run)
+    for segment in request.segments:
+        SEGMENT_BODIES[segment](run)
     output = SegmentOutput(notes=run.notes, embedder=run.embedder)
     for label, per_scope in run.futures.items():
         output.refs[label] = {}
@@ -326,14 +344,14 @@ def _segment_tasks(request: SegmentRequest, device: str) -> SegmentOutput:
 def run_segment(request: SegmentRequest) -> str:
     """Run one segment of the DAG on this worker; returns the URL of its outbox."""
     log = get_run_logger()
-    segment = next(s for s in SEGMENTS if s.name == request.segment)
+    segment = next(s for s in SEGMENTS if s.name == request.segments[0])
     config = request.config
     use_credentials_block(config)
     device = segment_device(segment.pool, config.device)
     runner = build_task_runner(config.task_runner, max_workers=config.worker_count(),
                                address=config.task_runner_address)
-    log.info("segment %s (%s pool) on %s: %d classes, run root %s", segment.name, segment.pool,
-             device, len(request.classes), config.out)
+    log.info("segments %s (%s pool) on %s: %d classes, run root %s", request.segments,
+             segment.pool, device, len(request.classes), config.out)
     gpu_slot = (concurrency(request.gpu_concurrency_limit, occupy=1, strict=True)
                 if segment.pool == "gpu" else contextlib.nullcontext())
     with gpu_slot:
@@ -344,9 +362,9 @@ def run_segment(request: SegmentRequest) -> str:
 
 
 # -- the parent flow -------------------------------------------------------------------------
-@task(name="segment", task_run_name="{request.segment}[{chunk}]", cache_policy=NO_CACHE,
+@task(name="segment", task_run_name="{name}", cache_policy=NO_CACHE,
       persist_result=False, retries=1, retry_delay_seconds=5)
-def start_segment(request: SegmentRequest, chunk: int, deployment: str,
+def start_segment(request: SegmentRequest, name: str, deployment: str,
                   poll_seconds: float) -> SegmentOutput:
     """Run a segment through its pool's deployment and read its outbox from the run root.
 
@@ -354,10 +372,10 @@ def start_segment(request: SegmentRequest, chunk: int, deployment: str,
     failed one committed.
     """
     child = run_deployment(deployment, parameters={"request": request.model_dump(mode="json")},
-                           flow_run_name=f"{request.segment}[{chunk}]", poll_interval=poll_seconds)
+                           flow_run_name=name, poll_interval=poll_seconds)
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
-        raise RuntimeError(f"segment {request.segment}[{chunk}] flow run {child.name} "
+        raise RuntimeError(f"segment run {name} ({child.name}, "
                            f"({child.id}) ended {state}; see its logs")
     config = request.config
     run_store = StoreSpec(root=config.out, storage_options=config.storage_options).open()
@@ -369,12 +387,41 @@ def chunked(classes: list[str], size: int | None) -> list[list[str]]:
     return [classes[start:start + size] for start in range(0, len(classes), size)]
 
 
-def _needed(refs: Refs, segment: SegmentName, config: DistillConfig,
+@dataclass(frozen=True)
+class PlannedRun:
+    segments: tuple[Segment, ...]
+    chunks: list[list[str]]  # one segment run per chunk of classes, in parallel
+
+    @property
+    def name(self) -> str:
+        return "+".join(segment.name for segment in self.segments)
+
+
+def plan_runs(classes: list[str], classes_per_run: int | None) -> list[PlannedRun]:
+    """The segment runs, in order. Per-class segments split the classes into chunks;
+    consecutive segments of one pool that each fit in one run share it (a process start and
+    the stage imports are paid once)."""
+    chunks = chunked(classes, classes_per_run)
+    planned: list[PlannedRun] = []
+    for segment in SEGMENTS:
+        segment_chunks = chunks if segment.per_class else [classes]
+        previous = planned[-1] if planned else None
+        if (previous and previous.segments[-1].pool == segment.pool
+                and len(previous.chunks) == len(segment_chunks) == 1):
+            planned[-1] = PlannedRun((*previous.segments, segment), previous.chunks)
+        else:
+            planned.append(PlannedRun((segment,), segment_chunks))
+    return planned
+
+
+def _needed(refs: Refs, segments: tuple[Segment, ...], config: DistillConfig,
             classes: list[str]) -> Refs:
-    """The upstream refs a segment reads, for its classes only (keeps parameters small)."""
-    labels = {"load": [], "embed": ["load"], "select-grids": ["embed"],
-              "enhance": [f"grids:{m}" for m in config.methods],
-              "evaluate": list(trained_on(config).values())}[segment]
+    """The upstream refs a run reads, for its classes only (keeps parameters small). Labels
+    not made yet are made inside the run itself."""
+    reads = {"load": [], "embed": ["load"], "select-grids": ["embed"],
+             "enhance": [f"grids:{m}" for m in config.methods],
+             "evaluate": list(trained_on(config).values())}
+    labels = [label for segment in segments for label in reads[segment.name] if label in refs]
     return {label: {name: refs[label][name] for name in classes} for label in labels}
 
 
@@ -382,6 +429,12 @@ def _needed(refs: Refs, segment: SegmentName, config: DistillConfig,
 @flow(name="gridistill-pooled", task_runner=ThreadPoolTaskRunner(max_workers=32))
 def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> dict[str, Any]:
     """Distil ``config.data`` with CPU stages on the cpu pool and GPU stages on the gpu pool."""
+    # The parent imports what it runs itself; run_summary keeps the report's setup lines the
+    # same as the single-process flow's.
+    from flows.distill import run_summary
+    from tasks.ingest import IndexParams, index_dataset
+    from tasks.report import write_report
+
     pools = pools or PoolOptions()
     log = get_run_logger()
     log.info("config: %s", redact(config.model_dump(mode="json")))
@@ -391,30 +444,34 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
         data=config.data, test_data=config.test_data, class_list=config.class_list,
         holdout_share=config.holdout_share, seed=config.seed))
     classes = [name for name, _, _ in dataset.meta["classes"]]
-    for name in classes if config.refine else ():
-        imagenet_index(name)  # every class needs a DiT label before any GPU work
+    if config.refine:
+        from tasks.refine import imagenet_index
+
+        for name in classes:
+            imagenet_index(name)  # every class needs a DiT label before any GPU work
     run_id = str(flow_run.get_id() or "local")
-    plan = [(segment, chunk) for segment in SEGMENTS
-            for chunk in (chunked(classes, pools.classes_per_run) if segment.per_class
-                          else [classes])]
+    plan = plan_runs(classes, pools.classes_per_run)
+    total_runs = sum(len(planned.chunks) for planned in plan)
     progress = create_progress_artifact(
         0.0, key="gridistill-progress",
-        description=f"Segments done of {len(plan)} ({len(classes)} classes)")
+        description=f"Segment runs done of {total_runs} ({len(classes)} classes: "
+                    + " → ".join(f"{p.name} ×{len(p.chunks)}" for p in plan) + ")")
     refs: Refs = {}
     timings: list[dict[str, Any]] = []
     notes: list[str] = []
     embedder = config.embedder
     done = 0
-    for segment in SEGMENTS:
-        chunks = [chunk for planned, chunk in plan if planned is segment]
+    for planned in plan:
+        names = [f"{planned.name}[{index}]" for index in range(len(planned.chunks))]
         requests = [SegmentRequest(
-            segment=segment.name, config=config, dataset=dataset, classes=chunk,
-            upstream=_needed(refs, segment.name, config, chunk),
-            outbox=f"orchestration/{run_id}/{segment.name}-{index:04d}.json",
+            segments=[segment.name for segment in planned.segments], config=config,
+            dataset=dataset, classes=chunk, upstream=_needed(refs, planned.segments, config, chunk),
+            outbox=f"orchestration/{run_id}/{planned.name}-{index:04d}.json",
             gpu_concurrency_limit=pools.gpu_concurrency_limit,
-        ) for index, chunk in enumerate(chunks)]
-        deployment = pools.gpu_deployment if segment.pool == "gpu" else pools.cpu_deployment
-        futures = start_segment.map(requests, list(range(len(requests))), unmapped(deployment),
+        ) for index, chunk in enumerate(planned.chunks)]
+        pool = planned.segments[0].pool
+        deployment = pools.gpu_deployment if pool == "gpu" else pools.cpu_deployment
+        futures = start_segment.map(requests, names, unmapped(deployment),
                                     unmapped(pools.poll_seconds))
         for future in futures:
             output: SegmentOutput = future.result()
@@ -424,23 +481,14 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
             notes += [note for note in output.notes if note not in notes]
             embedder = output.embedder or embedder
             done += 1
-            update_progress_artifact(progress, 100.0 * done / len(plan))
+            update_progress_artifact(progress, 100.0 * done / total_runs)
     run_store = store.open()
     evaluations = [refs["evaluate"][name] for name in trained_on(config)]
     report_url = write_report(
-        store, evaluations, per_method_artifacts(refs, config.methods, classes), timings, notes,
-        summary={
-            "data": config.data, "test data": config.test_data or "held out from data",
-            "classes": len(classes), "ipc": config.ipc,
-            "grid": f"{config.grid_size}x{config.grid_size} at {config.grid_resolution}px",
-            "embedder": embedder,
-            "enhance": f"{', '.join(config.enhance)} x{config.enhance_scale}",
-            "refine": f"DIVER ({config.dit_model}, gamma={config.refine_gamma})"
-            if config.refine else "off",
-            "student": f"{config.eval_student}, {config.eval_protocol} protocol, "
-            f"{config.eval_seeds} seeds" + (f", teacher {config.teacher}" if "teacher" in refs
-                                            else ""),
-            "run root": config.out, "pools": f"{pools.cpu_deployment}, {pools.gpu_deployment}"})
+        store=store, dataset=dataset, evaluations=evaluations,
+        artifacts=per_method_artifacts(refs, config.methods, classes), timings=timings,
+        notes=notes, summary=run_summary(config, embedder, with_teacher="teacher" in refs) | {
+            "classes": len(classes), "pools": f"{pools.cpu_deployment}, {pools.gpu_deployment}"})
     _publish_links(run_store.url(""), refs)
     log.info("report: %s", report_url)
     return {"report": report_url,

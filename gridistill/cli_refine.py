@@ -41,6 +41,7 @@ def add_refine_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     io_group.add_argument("--input", required=True, help="distilled set: a folder or a file")
     io_group.add_argument("--out", required=True, help="output ImageFolder (must be empty/new)")
     io_group.add_argument("--input-kind", choices=INPUT_KINDS, default="auto")
+    io_group.add_argument("--method", help="which distilled set of a run root (e.g. ssdim)")
     io_group.add_argument("--labels", help="MTT labels file when not labels_<tag>.pt beside it")
     io_group.add_argument(
         "--normalization", choices=sorted(NORMALIZATIONS),
@@ -128,7 +129,7 @@ def run_refine(args: argparse.Namespace) -> int:
         components = load_dit(args.dit, args.vae, device=device, dtype=dtype)
         distilled = read_distilled_set(args.input, kind=args.input_kind,
                                        normalization=args.normalization,
-                                       labels_path=args.labels)
+                                       labels_path=args.labels, method=args.method)
         class_labels = imagenet_labels_for_classes(distilled.num_classes, distilled.class_names,
                                                    wnids=class_wnids)
     except (MissingWeightsError, ValueError) as exc:  # DistilledSetError is a ValueError

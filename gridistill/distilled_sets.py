@@ -147,17 +147,34 @@ def read_image_folder(root: str | Path) -> DistilledSet:
                         class_names=[p.name for p in class_dirs], source=str(root))
 
 
-def read_run_root(root: str | Path) -> DistilledSet:
-    """The distilled grids of a gridistill run root.
+def read_run_root(root: str | Path, method: str | None = None) -> DistilledSet:
+    """The distilled set (the grids at storage resolution) of a gridistill run root.
 
-    For now this reads the grids as an ImageFolder: ``root/grids/<class>/*.png`` when
-    ``root/grids`` exists, else ``root/<class>/*.png``. The flow's run root indexes its grid
-    PNGs in Parquet (``grids.parquet`` per artifact folder); reading that index belongs here
-    once its layout (which artifacts, class per scope) is fixed.
+    The run's report writes ``distilled/<method>.parquet`` (class_name, label, file) for each
+    selection method; ``method`` picks one and may be left out when the run has only one.
     """
+    import pandas as pd
+
     root = Path(root)
-    grids = root / "grids"
-    return read_image_folder(grids if grids.is_dir() else root)
+    indexes = {p.stem: p for p in sorted((root / "distilled").glob("*.parquet"))}
+    if not indexes:
+        raise DistilledSetError(f"{root}: no distilled/<method>.parquet: not a finished run root")
+    if method is None and len(indexes) > 1:
+        raise DistilledSetError(f"{root} holds several distilled sets; pick one with --method: "
+                                f"{sorted(indexes)}")
+    chosen = method or next(iter(indexes))
+    if chosen not in indexes:
+        raise DistilledSetError(f"{root}: no distilled set {chosen!r}; have {sorted(indexes)}")
+    index = pd.read_parquet(indexes[chosen])
+    pixels = []
+    for file in index["file"]:
+        with Image.open(root / file) as image:
+            pixels.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    names = index.drop_duplicates("label").sort_values("label")["class_name"].tolist()
+    labels = index["label"].map({label: i for i, label in enumerate(sorted(set(index["label"])))})
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+    return DistilledSet(images=images, class_indices=torch.tensor(labels.to_numpy()),
+                        class_names=names, source=f"{root} ({chosen})")
 
 
 def _matching_labels_file(images_path: Path) -> Path:
@@ -247,7 +264,8 @@ INPUT_KINDS = ("auto", "image-folder", "run-root", "mtt", "npz")
 
 
 def detect_kind(path: str | Path) -> str:
-    """The reader for ``path``: npz file, MTT file/directory, run root (has grids/), folder."""
+    """The reader for ``path``: npz file, MTT file/directory, run root (has distilled/),
+    folder."""
     path = Path(path)
     if path.is_file():
         if path.suffix == ".npz":
@@ -259,13 +277,14 @@ def detect_kind(path: str | Path) -> str:
         raise DistilledSetError(f"{path}: no such file or directory")
     if any(path.glob("images_*.pt")):
         return "mtt"
-    if (path / "grids").is_dir():
+    if (path / "distilled").is_dir():
         return "run-root"
     return "image-folder"
 
 
 def read_distilled_set(path: str | Path, *, kind: str = "auto", normalization: str | None = None,
-                       labels_path: str | Path | None = None) -> DistilledSet:
+                       labels_path: str | Path | None = None,
+                       method: str | None = None) -> DistilledSet:
     """Read any supported distilled set (see :data:`INPUT_KINDS` and :func:`detect_kind`)."""
     if kind not in INPUT_KINDS:
         raise DistilledSetError(f"unknown input kind {kind!r}; choose from {INPUT_KINDS}")
@@ -275,7 +294,7 @@ def read_distilled_set(path: str | Path, *, kind: str = "auto", normalization: s
     if kind == "mtt":
         return read_mtt_tensors(path, normalization=normalization, labels_path=labels_path)
     if kind == "run-root":
-        return read_run_root(path)
+        return read_run_root(path, method)
     return read_image_folder(path)
 
 

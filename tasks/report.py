@@ -50,6 +50,16 @@ def accuracy_plot(metrics: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def write_distilled_index(store: RunStore, method: str, grids: list[ArtifactRef],
+                          labels: dict[str, int]) -> None:
+    """``distilled/<method>.parquet``: the distilled set's files, for readers of the run root
+    (``gridistill refine --input RUN_ROOT``) that should not know the stage layout."""
+    rows = [(ref.scope, labels[ref.scope], f"{ref.folder}/{name}") for ref in grids
+            for name in store.read_parquet(f"{ref.folder}/grids.parquet")["file"]]
+    store.write_parquet(f"distilled/{method}.parquet",
+                        pd.DataFrame(rows, columns=["class_name", "label", "file"]))
+
+
 def storage_rows(store: RunStore, artifacts: dict[str, dict[str, list[ArtifactRef]]]
                  ) -> pd.DataFrame:
     """What is stored per method: the distilled set (grids) apart from derived artifacts."""
@@ -90,7 +100,7 @@ def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, storage: pd.Data
 
 
 @task(name="report", retries=2, retry_delay_seconds=[2, 10])
-def write_report(store: StoreSpec, evaluations: list[ArtifactRef],
+def write_report(store: StoreSpec, dataset: ArtifactRef, evaluations: list[ArtifactRef],
                  artifacts: dict[str, dict[str, list[ArtifactRef]]],
                  timings: list[dict[str, Any]], notes: list[str], summary: dict[str, Any]) -> str:
     """Write report.md, metrics.parquet, timings.parquet and contact sheets at the run root,
@@ -98,10 +108,12 @@ def write_report(store: StoreSpec, evaluations: list[ArtifactRef],
 
     ``artifacts`` is {method: {stage: per-class refs}} for the grids and derived stages."""
     run_store: RunStore = store.open()
+    labels = {name: label for name, label, _ in dataset.meta["classes"]}
     metrics = pd.DataFrame([{"method": ref.scope, **ref.meta["metrics"]} for ref in evaluations])
     timing_frame = pd.DataFrame(timings)
     sheets = {}
     for method, stages in artifacts.items():
+        write_distilled_index(run_store, method, stages["grids"], labels)
         firsts = [read_grid_images(run_store, ref)[0] for ref in stages["grids"]]
         sheets[method] = f"contact_sheet_{method}.png"
         write_png(run_store, sheets[method], contact_sheet(firsts))

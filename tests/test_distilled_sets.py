@@ -109,10 +109,23 @@ def test_image_folder_refuses_mixed_sizes(tmp_path) -> None:
         read_image_folder(tmp_path / "set")
 
 
-def test_run_root_reads_its_grids_folder(tmp_path) -> None:
-    write_image_folder(tmp_path / "grids", {"n01440764": 2})
+def test_run_root_reads_the_distilled_set_index(tmp_path) -> None:
+    import pandas as pd
+
+    write_image_folder(tmp_path / "grids", {"n01440764": 2, "n02102040": 1})
+    rows = [("n02102040", 1, "grids/n02102040/0.png"), ("n01440764", 0, "grids/n01440764/1.png"),
+            ("n01440764", 0, "grids/n01440764/0.png")]
+    (tmp_path / "distilled").mkdir()
+    frame = pd.DataFrame(rows, columns=["class_name", "label", "file"])
+    frame.to_parquet(tmp_path / "distilled" / "ssdim.parquet")
     assert detect_kind(tmp_path) == "run-root"
-    assert len(read_run_root(tmp_path).images) == 2
+    distilled = read_run_root(tmp_path)
+    assert distilled.class_names == ["n01440764", "n02102040"]
+    assert distilled.class_indices.tolist() == [1, 0, 0] and len(distilled.images) == 3
+    frame.to_parquet(tmp_path / "distilled" / "random.parquet")
+    with pytest.raises(DistilledSetError, match="several distilled sets"):
+        read_run_root(tmp_path)
+    assert read_run_root(tmp_path, "random").source.endswith("(random)")
 
 
 def test_imagenet_wnids_come_sorted_from_timm() -> None:

@@ -128,6 +128,12 @@ def test_flow_with_diver_refinement_evaluates_before_and_after(prefect_harness, 
         assert refined.size == (64, 64)  # back at the enhanced grid's size
     assert "DIVER" in store.read_bytes("report.md").decode()
 
+    from gridistill.distilled_sets import read_run_root
+
+    distilled = read_run_root(config.out)  # the run root is itself an input for refine
+    assert distilled.class_names == ["n01440764", "n02102040"] and len(distilled.images) == 2
+    assert distilled.images.shape[-1] == 32  # the distilled set, not the enhanced copies
+
 
 def test_flow_rded_protocol_trains_a_teacher_and_uses_it(prefect_harness, tiny_dataset, tmp_path):
     config = tiny_config(tiny_dataset, str(tmp_path / "run"), methods=["random"],
