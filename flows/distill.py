@@ -36,9 +36,9 @@ from tasks.report import write_report
 from tasks.select import SelectParams, select_class
 
 
-def _each(futures: list[PrefectFuture], *also: Any) -> list[list[Any]]:
+def _each(futures: list[PrefectFuture]) -> list[list[PrefectFuture]]:
     """Each class's upstream list for the next mapped stage."""
-    return [[future, *also] for future in futures]
+    return [[future] for future in futures]
 
 
 @flow(name="gridistill-distill", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -68,8 +68,12 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     for name in classes if config.refine else ():
         imagenet_index(name)  # every class needs a DiT label before any GPU work
     every = unmapped(store)
+    # Per class, the dataset ref with only that class's row: Prefect walks every task's
+    # parameters several times, so passing all classes to each task costs O(classes²).
+    dataset_of = [dataset.model_copy(update={"meta": {"classes": [row]}})
+                  for row in dataset.meta["classes"]]
 
-    loaded = load_class.map(every, classes, unmapped(LoadParams()), [[dataset]] * len(classes),
+    loaded = load_class.map(every, classes, unmapped(LoadParams()), [[d] for d in dataset_of],
                             config.forced("load", classes))
     embedded = embed_class.map(every, classes, unmapped(EmbedParams(
         embedder=embedder.name.split(":")[0], clip_model=config.clip_model,
@@ -100,8 +104,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         for backend, enhance in enhancers.items():  # several backends: an ablation
             name, label = (method, "") if len(enhancers) == 1 else (f"{method}+{backend}",
                                                                      f"[{backend}]")
-            enhanced = enhance_class.map(every, classes, unmapped(enhance), _each(grids, dataset),
-                                         config.forced("enhance", classes))
+            enhanced = enhance_class.map(
+                every, classes, unmapped(enhance),
+                [[g, d] for g, d in zip(grids, dataset_of, strict=True)],
+                config.forced("enhance", classes))
             per_method[method][f"enhance{label}"] = trained_on[name] = enhanced
             if config.refine:
                 refined = refine_class.map(every, classes, unmapped(refine), _each(enhanced),
@@ -111,6 +117,12 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             store, name, eval_params, [dataset, *teacher, *per_class],
             any(config.forced("evaluate", classes))) for name, per_class in trained_on.items()}
 
+    notes += [f"load[{ref.scope}]: skipped {ref.meta['skipped']} files "
+              f"{ref.meta.get('skipped_by_reason', {})} (see {ref.folder}/skipped.parquet)"
+              for ref in (future.result() for future in loaded) if ref.meta["skipped"]]
+    if dataset.meta.get("ignored"):
+        notes.append(f"dataset: ignored {dataset.meta['ignored']} entries that are not class "
+                     f"images (see {dataset.folder}/ignored.parquet)")
     stages = {"load": loaded, "embed": embedded} | {
         f"{stage}:{method}": futures for method, by_stage in per_method.items()
         for stage, futures in by_stage.items()}
@@ -120,26 +132,11 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         store, dataset, [future.result() for future in evaluations.values()],
         {method: {stage: [f.result() for f in futures] for stage, futures in by_stage.items()
                   if stage != "select"} for method, by_stage in per_method.items()},
-        timings, notes, run_summary(config, embedder.name, with_teacher=bool(teacher)))
+        timings, notes, config.report_summary(embedder.name, with_teacher=bool(teacher)))
     log.info("report: %s", report_url)
     return {"report": report_url,
             "metrics": [f.result().meta["metrics"] | {"method": name}
                         for name, f in evaluations.items()]}
-
-
-def run_summary(config: DistillConfig, embedder: str, with_teacher: bool) -> dict[str, Any]:
-    """The setup lines at the top of the report."""
-    teacher = f", teacher {config.teacher}" if with_teacher else ""
-    return {
-        "data": config.data, "test data": config.test_data or "held out from data",
-        "ipc": config.ipc, "embedder": embedder,
-        "grid": f"{config.grid_size}x{config.grid_size} at {config.grid_resolution}px",
-        "enhance": f"{', '.join(config.enhance)} x{config.enhance_scale}",
-        "refine": f"DIVER ({config.dit_model}, gamma={config.refine_gamma})"
-        if config.refine else "off",
-        "student": f"{config.eval_student}, {config.eval_protocol} protocol, "
-                   f"{config.eval_seeds} seeds{teacher}",
-        "run root": config.out}
 
 
 def timing_rows(futures: dict[str, list[PrefectFuture]], scopes: list[str]) -> list[dict[str, Any]]:

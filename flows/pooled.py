@@ -6,10 +6,11 @@ itself, then starts one *segment* per pool hop as a run of the ``gridistill-stag
 through the deployment for that pool (``run_deployment``)::
 
     parent:  index ─ [load]cpu ─ [embed]gpu ─ [select → grids]cpu ─ [enhance → refine]gpu
-                     ─ [evaluate]gpu ─ report
+                     ─ [teacher → evaluate]gpu ─ report
 
 A segment maps its stage tasks over a chunk of classes (``PoolOptions.classes_per_run``)
-under the configured task runner, then writes what it produced (artifact refs, task states,
+under the configured task runner; consecutive segments of one pool that need no chunking
+share one run (:func:`plan_runs`). A run then writes what it produced (artifact refs, task states,
 timings) to an *outbox* JSON in the run root. Every stage output is a content-keyed folder
 in the run root (object storage), so a segment that died is simply started again, on any
 worker, and continues from the committed folders; the parent reads the outbox, never a
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,7 +46,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from gridistill.config import DistillConfig
+from gridistill.config import CREDENTIAL_NAME, DistillConfig
 from gridistill.runners import build_task_runner
 from gridistill.stages import ArtifactRef, StoreSpec
 
@@ -115,13 +115,11 @@ GPU_STAGES = ("embed", "enhance", "refine", "teacher", "evaluate")
 
 
 # -- secrets never reach a log ---------------------------------------------------------------
-_SECRET_NAME = re.compile(r"secret|token|password|passwd|credential|(^|_)key$", re.IGNORECASE)
-
-
 def redact(value: Any) -> Any:
     """``value`` with every mapping entry whose name looks like a credential masked."""
     if isinstance(value, dict):
-        return {k: "***" if _SECRET_NAME.search(str(k)) else redact(v) for k, v in value.items()}
+        return {k: "***" if CREDENTIAL_NAME.search(str(k)) else redact(v)
+                for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
@@ -429,9 +427,7 @@ def _needed(refs: Refs, segments: tuple[Segment, ...], config: DistillConfig,
 @flow(name="gridistill-pooled", task_runner=ThreadPoolTaskRunner(max_workers=32))
 def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> dict[str, Any]:
     """Distil ``config.data`` with CPU stages on the cpu pool and GPU stages on the gpu pool."""
-    # The parent imports what it runs itself; run_summary keeps the report's setup lines the
-    # same as the single-process flow's.
-    from flows.distill import run_summary
+    # The parent imports only what it runs itself (a worker process per run pays for it).
     from tasks.ingest import IndexParams, index_dataset
     from tasks.report import write_report
 
@@ -487,7 +483,7 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
     report_url = write_report(
         store=store, dataset=dataset, evaluations=evaluations,
         artifacts=per_method_artifacts(refs, config.methods, classes), timings=timings,
-        notes=notes, summary=run_summary(config, embedder, with_teacher="teacher" in refs) | {
+        notes=notes, summary=config.report_summary(embedder, with_teacher="teacher" in refs) | {
             "classes": len(classes), "pools": f"{pools.cpu_deployment}, {pools.gpu_deployment}"})
     _publish_links(run_store.url(""), refs)
     log.info("report: %s", report_url)

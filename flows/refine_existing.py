@@ -23,7 +23,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
 from flows.pooled import redact, segment_device
-from gridistill.cli_refine import run_refine
+from gridistill.cli_refine import add_refine_parser, run_refine
 from gridistill.distilled_sets import INPUT_KINDS, NORMALIZATIONS, SUBSET_PRESETS
 
 
@@ -34,6 +34,7 @@ class RefineRequest(BaseModel):
     out: str = Field(description="Where the refined ImageFolder goes (local path or URL); "
                                  "must be empty or new.")
     input_kind: str = Field("auto", description=f"One of {INPUT_KINDS}.")
+    method: str | None = Field(None, description="Which distilled set of a run root (e.g. ssdim).")
     labels_url: str | None = Field(None, description="MTT labels file, when not beside it.")
     normalization: str | None = Field(None, description=(
         f"Mean/std of float tensor sets: one of {sorted(NORMALIZATIONS)}."))
@@ -77,6 +78,26 @@ def _upload(local_dir: Path, fs: fsspec.AbstractFileSystem, target: str) -> None
         fs.put_file(str(file), destination)
 
 
+# Request fields that name remote files, and the CLI option their local copy goes to.
+_URL_FIELDS = {"input_url": "input", "labels_url": "labels", "wnids_url": "wnids"}
+
+
+def refine_arguments(request: RefineRequest, local: dict[str, str | None]) -> argparse.Namespace:
+    """The request as parsed ``gridistill refine`` options: through the CLI's own parser, so
+    its defaults and checks apply and an option the CLI lacks fails loudly."""
+    values = request.model_dump(exclude={"storage_options", *_URL_FIELDS}) | local
+    argv = ["refine"]
+    for name, value in values.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    parser = argparse.ArgumentParser(prog="gridistill", exit_on_error=False)
+    add_refine_parser(parser.add_subparsers(dest="command"))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ValueError(f"gridistill refine has no option(s) {unknown}")
+    return args
+
+
 @flow(name="gridistill-refine-existing")
 def refine_existing(request: RefineRequest, gpu_concurrency_limit: str = "gpu") -> str:
     """Refine ``request.input_url`` with DIVER and write the ImageFolder to ``request.out``."""
@@ -92,16 +113,9 @@ def refine_existing(request: RefineRequest, gpu_concurrency_limit: str = "gpu") 
     with tempfile.TemporaryDirectory(prefix="gridistill-refine-") as scratch, gpu_slot:
         scratch_dir = Path(scratch)
         local_out = scratch_dir / "refined"
-        args = argparse.Namespace(
-            input=_fetch(request.input_url, scratch_dir, options), out=str(local_out),
-            input_kind=request.input_kind,
-            labels=_fetch(request.labels_url, scratch_dir, options),
-            normalization=request.normalization, classes_preset=request.classes_preset,
-            wnids=_fetch(request.wnids_url, scratch_dir, options), dit=request.dit,
-            vae=request.vae, device=device, dtype=request.dtype, num_steps=request.num_steps,
-            t_f=request.t_f, t_r=request.t_r, t_h=request.t_h, t_l=request.t_l,
-            gamma=request.gamma, cfg_scale=request.cfg_scale, seed=request.seed,
-            batch_size=request.batch_size)
+        local = {option: _fetch(getattr(request, field), scratch_dir, options)
+                 for field, option in _URL_FIELDS.items()}
+        args = refine_arguments(request, local | {"out": str(local_out), "device": device})
         # run_refine reports problems on stderr for the terminal; here they become the error.
         errors, report = io.StringIO(), io.StringIO()
         with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(report):

@@ -10,9 +10,12 @@ from importlib import resources
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from gridistill.storage import content_key
+
+# Option names that hold credentials (s3fs: key, secret, token; others: password...).
+CREDENTIAL_NAME = re.compile(r"secret|token|password|passwd|credential|(^|_)key$", re.IGNORECASE)
 
 Stage = Literal["load", "embed", "select", "grids", "enhance", "refine", "teacher", "evaluate"]
 STAGES: tuple[Stage, ...] = typing.get_args(Stage)
@@ -97,6 +100,23 @@ class DistillConfig(BaseModel):
     force_classes: list[str] | None = Field(None, description=(
         "Classes that force_from applies to (default: all)."))
 
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # These options travel as flow and task parameters, shown in the UI and the logs.
+        def names(value: Any) -> list[str]:
+            if not isinstance(value, dict):
+                return []
+            return [k for k, v in value.items() if CREDENTIAL_NAME.search(str(k))] + [
+                n for v in value.values() for n in names(v)]
+
+        found = names(options)
+        if found:
+            raise ValueError(f"storage_options must not hold credentials ({found}): give them "
+                             "through the environment, the AWS credential chain, or "
+                             "aws_credentials_block")
+        return options
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> DistillConfig:
         if self.data is None:
@@ -115,6 +135,20 @@ class DistillConfig(BaseModel):
         if self.force_from is None or STAGES.index(stage) < STAGES.index(self.force_from):
             return [False] * len(classes)
         return [self.force_classes is None or name in self.force_classes for name in classes]
+
+    def report_summary(self, embedder: str, with_teacher: bool) -> dict[str, Any]:
+        """The setup lines at the top of the run report."""
+        teacher = f", teacher {self.teacher}" if with_teacher else ""
+        return {
+            "data": self.data, "test data": self.test_data or "held out from data",
+            "ipc": self.ipc, "embedder": embedder,
+            "grid": f"{self.grid_size}x{self.grid_size} at {self.grid_resolution}px",
+            "enhance": f"{', '.join(self.enhance)} x{self.enhance_scale}",
+            "refine": f"DIVER ({self.dit_model}, gamma={self.refine_gamma})"
+            if self.refine else "off",
+            "student": f"{self.eval_student}, {self.eval_protocol} protocol, "
+                       f"{self.eval_seeds} seeds{teacher}",
+            "run root": self.out}
 
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from gridistill.models import ClipBundle, MissingWeightsError, cached_model, load_clip
+from gridistill.resources import run_in_batches
 from gridistill.stages import ArtifactRef, stage_task
 from gridistill.storage import RunStore
 from tasks.ingest import read_image
@@ -36,15 +37,21 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 def clip_embed(bundle: ClipBundle, images: Sequence[Image.Image], *, batch_size: int = 64,
                device: str = "cpu", progress: bool = False) -> np.ndarray:
-    """L2-normalised CLIP image embeddings, (N, d) float32."""
-    chunks = []
+    """L2-normalised CLIP image embeddings, (N, d) float32. A batch that runs out of GPU
+    memory is retried in halves rather than failing the class."""
     autocast = device.startswith("cuda")
-    batches = range(0, len(images), batch_size)
-    with torch.inference_mode(), torch.autocast("cuda", enabled=autocast, dtype=torch.float16):
-        for start in tqdm(batches, desc="embed", unit="batch", disable=not progress, leave=False):
-            batch = torch.stack([bundle.preprocess(im) for im in images[start:start + batch_size]])
-            features = bundle.model.encode_image(batch.to(device))
-            chunks.append(features.float().cpu().numpy())
+    bar = tqdm(total=len(images), desc="embed", unit="img", disable=not progress, leave=False)
+
+    def embed_batch(batch: Sequence[Image.Image]) -> np.ndarray:
+        pixels = torch.stack([bundle.preprocess(im) for im in batch]).to(device)
+        with torch.inference_mode(), torch.autocast("cuda", enabled=autocast,
+                                                    dtype=torch.float16):
+            features = bundle.model.encode_image(pixels).float().cpu().numpy()
+        bar.update(len(batch))
+        return features
+
+    with bar:
+        chunks = run_in_batches(embed_batch, images, batch_size, what="embed")
     return l2_normalise(np.concatenate(chunks)).astype(np.float32)
 
 
@@ -61,6 +68,9 @@ def pixel_pca_embed(images: Sequence[Image.Image], *, side: int = 32, dim: int =
     centred = pixels - pixels.mean(axis=0, keepdims=True)
     _, _, components = np.linalg.svd(centred, full_matrices=False)
     projected = centred @ components[:dim].T
+    # A constant coordinate keeps a class of one image (or of identical ones) from becoming
+    # all-zero vectors, which selection rightly refuses; it shifts every similarity equally.
+    projected = np.hstack([projected, np.full((len(pixels), 1), 1e-3, np.float32)])
     return l2_normalise(projected).astype(np.float32)
 
 
@@ -103,7 +113,7 @@ class EmbedParams(BaseModel):
     progress: bool = True
 
 
-@stage_task("embed", tags=("gpu",))
+@stage_task("embed")
 def embed_class(store: RunStore, folder: str, scope: str, params: EmbedParams,
                 upstream: list[ArtifactRef]) -> dict[str, Any]:
     """Embed one class's validated images; float16 L2-normalised vectors in Parquet."""

@@ -444,7 +444,7 @@ def load_enhancer(params: EnhanceParams) -> StableDiffusionComponents | None:
     return cached_model(load_sd_turbo, params.sd_turbo, device=params.device, dtype=dtype)
 
 
-@stage_task("enhance", tags=("gpu",))
+@stage_task("enhance")
 def enhance_class(store: RunStore, folder: str, scope: str, params: EnhanceParams,
                   upstream: list[ArtifactRef]) -> dict[str, Any]:
     """Enhance one class's grids; a derived artifact, listed apart from the distilled set."""

@@ -847,7 +847,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from gridistill.stages import ArtifactRef, stage_task  # noqa: E402
+from gridistill.stages import ArtifactRef, stage_logger, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
 
 
@@ -877,12 +877,19 @@ def load_split(store: RunStore, dataset: ArtifactRef, size: int, split: str,
         rows = pd.concat([store.read_parquet(f"{dataset.folder}/classes/{name}.parquet")
                           for name in _class_names(dataset)])
         rows = rows[rows["split"] == split]
-    images, labels = [], []
+    images, labels, unreadable = [], [], []
     for path, label in zip(rows["path"], rows["label"], strict=True):
         decoded = read_image(path, store.storage_options)
-        if decoded.image is not None:
+        if decoded.image is None:
+            unreadable.append(path)
+        else:
             images.append(decoded.image)
             labels.append(int(label))
+    if unreadable:
+        stage_logger().warning("%s split: skipped %d unreadable images, e.g. %s", split,
+                               len(unreadable), unreadable[:3])
+    if not images:
+        raise ValueError(f"no readable {split} images ({len(unreadable)} unreadable)")
     return _to_uint8(images, size), torch.tensor(labels)
 
 
@@ -897,7 +904,7 @@ class TeacherParams(BaseModel):
     progress: bool = True
 
 
-@stage_task("teacher", tags=("gpu",))
+@stage_task("teacher")
 def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: TeacherParams,
                           upstream: list[ArtifactRef]) -> dict[str, Any]:
     """Train the soft-label teacher on the real training pool, by the same training loop, or
@@ -943,7 +950,7 @@ class EvalParams(BaseModel):
     progress: bool = True
 
 
-@stage_task("evaluate", tags=("gpu",))
+@stage_task("evaluate")
 def evaluate_grids(store: RunStore, folder: str, scope: str, params: EvalParams,
                    upstream: list[ArtifactRef]) -> dict[str, Any]:
     """Train students from scratch on one method's grids (one per seed); test on real images.

@@ -282,7 +282,7 @@ def load_dit_for(params: RefineParams) -> DiTBundle:
     return cached_model(load_dit, params.dit, params.vae, device=params.device, dtype=dtype)
 
 
-@stage_task("refine", tags=("gpu",))
+@stage_task("refine")
 def refine_class(store: RunStore, folder: str, scope: str, params: RefineParams,
                  upstream: list[ArtifactRef]) -> dict[str, Any]:
     """DIVER: pull one class's grids back toward natural images with the class-conditional DiT."""

@@ -5,6 +5,7 @@ nothing can pass through a shared local disk."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -46,7 +47,8 @@ class Stack:
     def run(self, *command: str, timeout: float = 120) -> str:
         done = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=REPO, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
-        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+        tail = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, f"{command} failed:\n{tail}"
         return done.stdout
 
     def stop(self) -> None:
@@ -60,6 +62,12 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_moto() -> None:
+    # The in-process moto server logs every S3 request; keep the test output readable.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def _free_port() -> int:
@@ -150,8 +158,12 @@ def stage_task_states(client, parent_id: UUID) -> Counter:
 def test_deployed_run_on_pools_then_ui_rerun_of_two_classes(stack, deployed, tiny_dataset):
     import s3fs
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter
-    from prefect.client.schemas.filters import LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -163,8 +175,9 @@ def test_deployed_run_on_pools_then_ui_rerun_of_two_classes(stack, deployed, tin
     config = dict(
         data=f"{bucket}/data/train", test_data=f"{bucket}/data/test", out=f"{bucket}/runs/tiny",
         storage_options=options, ipc=1, grid_size=2, grid_resolution=32,
-        methods=["ssdim", "random"], embedder="pixels-pca", enhance="bilinear", enhance_scale=2,
-        eval_image_size=16, eval_epochs=2, progress=False, device="cpu", max_workers=2,
+        methods=["ssdim", "random"], embedder="pixels-pca", enhance=["bilinear"],
+        enhance_scale=2, eval_image_size=16, eval_epochs=2, eval_seeds=1, progress=False,
+        device="cpu", max_workers=2,
         result_storage="remote-file-system/gridistill-results")
     pools = {"poll_seconds": 1}
 
@@ -206,9 +219,21 @@ def test_deployed_run_on_pools_then_ui_rerun_of_two_classes(stack, deployed, tin
             assert sum(n for key, n in states.items() if key[1] == "Cached") == (
                 3 * 2 + 2 * 3 + 2 * 1 * 2)  # load, embed; every select; gamma's grids, enhance
 
+            # GPU stages ran on the gpu pool, CPU stages on the cpu pool, one run per pool hop.
+            segment_runs = {run.name: run.work_pool_name for run in
+                            _flow_runs_below(client, rerun.id) if run.deployment_id}
+            assert segment_runs == {"load[0]": "cpu", "embed[0]": "gpu",
+                                    "select-grids[0]": "cpu", "enhance+evaluate[0]": "gpu"}
+            gpu_limit = client.read_global_concurrency_limit_by_name("gpu")
+            assert gpu_limit.limit == 1 and gpu_limit.active_slots == 0  # slots given back
+
             progress = client.read_artifacts(artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(any_=["gridistill-progress"])))
             assert progress and max(a.data for a in progress) == 100.0
+            published = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["gridistill-timings", "gridistill-run-root"])))
+            assert {artifact.key for artifact in published} == {"gridistill-timings",
+                                                                "gridistill-run-root"}
             run_ids = [first.id, rerun.id, *(r.id for r in _flow_runs_below(client, rerun.id))]
             logs = client.read_logs(log_filter=LogFilter(
                 flow_run_id=LogFilterFlowRunId(any_=run_ids)))

@@ -28,7 +28,6 @@ from gridistill.stages import ArtifactRef, StoreSpec
 from gridistill.storage import COMMIT_MARKER, RunStore
 
 RUN_FLOW = Path(__file__).with_name("run_flow.py")
-DETERMINISTIC_STAGES = ("load", "embed", "select", "grids", "enhance")
 
 
 # -- images ----------------------------------------------------------------------------------
@@ -42,6 +41,16 @@ def noise_image(seed: int, size: tuple[int, int] = (32, 32), mode: str = "RGB") 
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels).convert(mode)
+
+
+def write_classes(root: Path, per_class: int, seed: int = 0,
+                  names: tuple[str, ...] = ("alpha", "beta", "gamma")) -> Path:
+    """An ImageFolder of noise images, ``per_class`` in each class."""
+    for index, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            noise_image(seed + 100 * index + i).save(root / name / f"{i:03d}.png")
+    return root
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -87,7 +96,7 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
 
 # -- a function-level pipeline (no Prefect) ---------------------------------------------------
 def run_pipeline(root: str, data: str, test_data: str | None = None, *, grid_size: int = 2,
-                 ipc: int = 1, force: bool = False,
+                 ipc: int = 1, force: bool = False, holdout_share: float = 0.2,
                  storage_options: dict[str, Any] | None = None) -> dict[str, list[ArtifactRef]]:
     """index -> load -> embed -> select -> grids, each stage's body called directly."""
     from tasks.embed import EmbedParams, embed_class
@@ -96,7 +105,8 @@ def run_pipeline(root: str, data: str, test_data: str | None = None, *, grid_siz
     from tasks.select import SelectParams, select_class
 
     store = StoreSpec(root=root, storage_options=storage_options or {})
-    dataset = index_dataset.fn(store, IndexParams(data=data, test_data=test_data))
+    dataset = index_dataset.fn(store, IndexParams(data=data, test_data=test_data,
+                                                         holdout_share=holdout_share))
     refs: dict[str, list[ArtifactRef]] = {"dataset": [dataset]}
     for name, _, _ in dataset.meta["classes"]:
         chain = [dataset]
@@ -112,16 +122,16 @@ def run_pipeline(root: str, data: str, test_data: str | None = None, *, grid_siz
 
 
 # -- comparing run roots ----------------------------------------------------------------------
-def committed_files(root: Path, stages: tuple[str, ...] = DETERMINISTIC_STAGES) -> dict[str, bytes]:
+def committed_files(root: Path, stages: tuple[str, ...]) -> dict[str, bytes]:
     """Every file of every committed folder of ``stages`` (commit markers excluded: they hold
     timings), keyed by its path relative to the root."""
     files = {}
-    for marker in sorted(root.glob(f"*/*/*/{COMMIT_MARKER}")):
+    for marker in sorted(root.rglob(COMMIT_MARKER)):
         folder = marker.parent
-        if folder.parts[-3] not in stages:
+        if folder.relative_to(root).parts[0] not in stages:
             continue
-        for path in sorted(folder.iterdir()):
-            if path.name != COMMIT_MARKER and not path.name.startswith(".tmp-"):
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.name != COMMIT_MARKER and ".tmp-" not in path.name:
                 files[str(path.relative_to(root))] = path.read_bytes()
     return files
 
@@ -152,41 +162,82 @@ def flow_config(data: Path, test_data: Path | None, out: str, **overrides: Any) 
     """tests/test_flow.py's tiny configuration, as JSON for :data:`RUN_FLOW`."""
     return {"data": str(data), "test_data": str(test_data) if test_data else None, "out": out,
             "ipc": 1, "grid_size": 2, "grid_resolution": 32, "methods": ["ssdim"],
-            "embedder": "pixels-pca", "enhance": "bilinear", "enhance_scale": 2,
+            "embedder": "pixels-pca", "enhance": ["bilinear"], "enhance_scale": 2, "eval_seeds": 1,
             "eval_image_size": 16, "eval_epochs": 1, "progress": False, "device": "cpu",
             **overrides}
 
 
+@dataclass
+class FlowRun:
+    """One flow run in a process forked by :data:`RUN_FLOW`."""
+
+    pid: int
+    status: Path
+
+    def poll(self) -> int | None:
+        """The exit code; -9 once killed; None while running."""
+        if self.status.exists() and self.status.read_text():
+            return int(self.status.read_text())
+        return None if Path(f"/proc/{self.pid}").exists() else -9
+
+    def wait(self, timeout: float = 300) -> int:
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"flow run {self.pid} still running after {timeout}s")
+            time.sleep(0.05)
+        return code
+
+    def kill(self) -> None:
+        """kill -9, then wait until the process is gone."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        while Path(f"/proc/{self.pid}").exists():
+            time.sleep(0.005)
+
+
+class FlowLauncher:
+    """Starts flow runs through one :data:`RUN_FLOW` process (imports paid once)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, str(RUN_FLOW)], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.runs = 0
+
+    def start(self, config: dict[str, Any], log: Path,
+              env: dict[str, str] | None = None) -> FlowRun:
+        self.runs += 1
+        status = log.with_name(f"{log.name}.{self.runs}.status")
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"config": config, "log": str(log),
+                                             "status": str(status), "env": env or {}}) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        assert answer.startswith("started "), f"flow launcher died: {answer!r}"
+        return FlowRun(int(answer.split()[1]), status)
+
+    def run(self, config: dict[str, Any], log: Path, env: dict[str, str] | None = None,
+            timeout: float = 300) -> int:
+        return self.start(config, log, env).wait(timeout)
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(30)
+
+
 @pytest.fixture(scope="session")
-def flow_env(prefect_harness) -> dict[str, str]:
-    """Environment for a flow subprocess: the harness's API server, the suite's settings."""
+def flows(prefect_harness) -> Iterator[FlowLauncher]:
+    """Flow runs in their own processes, against the harness's API server."""
     from prefect.settings import PREFECT_API_URL
 
-    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-            "PREFECT_LOGGING_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
-
-
-def start_flow(config: dict[str, Any], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = log.open("ab")
-    return subprocess.Popen([sys.executable, str(RUN_FLOW), json.dumps(config)], env=env,
-                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def run_flow(config: dict[str, Any], env: dict[str, str], log: Path,
-             timeout: float = 240) -> subprocess.CompletedProcess:
-    process = start_flow(config, env, log)
-    try:
-        process.wait(timeout)
-    finally:
-        kill(process)
-    return subprocess.CompletedProcess(process.args, process.returncode)
-
-
-def kill(process: subprocess.Popen) -> None:
-    """kill -9 the flow process (its own session: it starts no children of its own)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    launcher = FlowLauncher({**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                             "PREFECT_LOGGING_LEVEL": "INFO"})
+    yield launcher
+    launcher.close()
 
 
 # -- a fault-injecting HTTP proxy in front of the S3 server -----------------------------------
@@ -200,7 +251,7 @@ class FaultProxy:
 
     upstream: str
     rule: Rule = lambda method, path: "pass"  # noqa: E731
-    hang_seconds: float = 3.0
+    hang_seconds: float = 2.0
     requests: list[tuple[float, str, str, str]] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
 
@@ -288,8 +339,8 @@ def fault_proxy(s3_endpoint) -> Iterator[FaultProxy]:
 
 
 def s3_options(endpoint: str, **config: Any) -> dict[str, Any]:
-    """s3fs options with the client's own retries off, so that Prefect's retries are what
-    the tests observe (and the tests stay fast)."""
-    return {"endpoint_url": endpoint, "retries": 1,
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2,
-                              "read_timeout": 2, **config}}
+    """s3fs options with botocore's own retries off, so that Prefect's retries are what the
+    tests observe (s3fs still retries timeouts a few times), and short timeouts."""
+    return {"endpoint_url": endpoint,
+            "config_kwargs": {"retries": {"total_max_attempts": 1}, "connect_timeout": 1,
+                              "read_timeout": 1, **config}}

@@ -1,0 +1,333 @@
+"""Deployments, containers and orchestration helpers, checked without a Docker engine or a
+GPU: prefect.yaml against the flows' parameter schemas, the compose file and Dockerfiles by
+parsing, the pool planning and GPU refusal as plain functions."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+COMPOSE = REPO / "docker" / "docker-compose.yml"
+DOCKERFILES = {kind: REPO / "docker" / f"Dockerfile.{kind}" for kind in ("cpu", "cuda")}
+
+
+def constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep:
+            pins[re.sub(r"[-_.]+", "-", name.strip().lower())] = version.strip()
+    return pins
+
+
+# -- prefect.yaml ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+
+
+def test_the_issue_deployments_exist_on_the_right_pools(deployments):
+    assert {"imagenet1k-weekly", "subset-distill", "refine-existing", "evaluate",
+            "stage-cpu", "stage-gpu", "distill"} <= set(deployments)
+    pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
+    assert pools["stage-gpu"] == pools["refine-existing"] == "gpu"
+    assert all(pools[name] == "cpu" for name in
+               ["stage-cpu", "distill", "imagenet1k-weekly", "subset-distill", "evaluate"])
+    [schedule] = deployments["imagenet1k-weekly"]["schedules"]
+    assert len(schedule["cron"].split()) == 5 and schedule["timezone"] == "UTC"
+    weekly = deployments["imagenet1k-weekly"]["parameters"]
+    assert weekly["config"]["data"].endswith("imagenet/train")
+    assert weekly["pools"]["gpu_deployment"] == "gridistill-stage/stage-gpu"
+    assert deployments["evaluate"]["parameters"]["config"]["force_from"] == "evaluate"
+
+
+def test_every_deployment_parameter_set_matches_its_flow_schema(deployments):
+    """What the server checks on `prefect deploy` (enforce_parameter_schema), offline."""
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    for name, deployment in deployments.items():
+        flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
+        schema = parameter_schema(flow).model_dump_for_openapi()
+        validate(deployment.get("parameters", {}), schema, raise_on_error=True,
+                 ignore_required=True)
+        assert flow.name.startswith("gridistill-"), name
+
+
+def test_ui_form_is_typed_for_reruns_and_presets(deployments):
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pooled import distill_pooled
+    from flows.subset import subset_distill
+
+    config = parameter_schema(distill_pooled).model_dump_for_openapi()["definitions"][
+        "DistillConfig"]["properties"]
+    force_from = next(option for option in config["force_from"]["anyOf"] if "enum" in option)
+    assert "enhance" in force_from["enum"] and "evaluate" in force_from["enum"]
+    assert config["force_classes"]["anyOf"][0]["type"] == "array"
+    assert config["task_runner"]["enum"] == ["thread", "dask", "ray"]
+    preset = parameter_schema(subset_distill).model_dump_for_openapi()["properties"]["preset"]
+    assert preset["enum"] == ["imagenette", "imagewoof"]
+
+
+def test_subset_preset_sets_data_and_run_root_only():
+    from flows.subset import subset_config
+    from gridistill.config import DistillConfig
+
+    config = subset_config("imagewoof", "s3://data/", "s3://runs",
+                           DistillConfig(ipc=10, methods=["ssdim"], data="/elsewhere"))
+    assert config.data == "s3://data/imagewoof2-320/train"
+    assert config.test_data == "s3://data/imagewoof2-320/val"
+    assert config.out == "s3://runs/imagewoof-ipc10"
+    assert config.class_list is None and config.ipc == 10 and config.methods == ["ssdim"]
+
+
+# -- docker ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_services_images_and_volumes(compose):
+    services = compose["services"]
+    assert set(services) == {"postgres", "prefect-server", "minio", "buckets", "setup",
+                             "cpu-worker", "gpu-worker"}
+    for name, service in services.items():
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: unpinned {image}"
+    assert services["cpu-worker"]["image"] == services["prefect-server"]["image"]
+    assert services["prefect-server"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert services["gpu-worker"]["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+    assert "--pool" in services["cpu-worker"]["command"]
+    assert services["cpu-worker"]["command"][services["cpu-worker"]["command"].index("--pool")
+                                             + 1] == "cpu"
+    assert services["gpu-worker"]["command"][services["gpu-worker"]["command"].index("--pool")
+                                             + 1] == "gpu"
+    assert "postgresql+asyncpg://" in services["prefect-server"]["environment"][
+        "PREFECT_API_DATABASE_CONNECTION_URL"]
+    declared = set(compose["volumes"])
+    used = {mount.split(":")[0] for service in services.values()
+            for mount in service.get("volumes", [])}
+    assert used == declared == {"postgres-data", "minio-data", "hf-cache"}
+
+
+def test_compose_health_checks_and_start_order(compose):
+    services = compose["services"]
+    one_shot = {"buckets", "setup"}
+    for name, service in services.items():
+        if name not in one_shot:
+            assert service["healthcheck"]["test"], f"{name} has no health check"
+    assert services["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["setup"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    for worker in ("cpu-worker", "gpu-worker"):
+        assert "--with-healthcheck" in services[worker]["command"]
+        assert services[worker]["depends_on"]["setup"]["condition"] == \
+            "service_completed_successfully"
+
+
+def test_compose_reserves_a_gpu_for_the_gpu_worker_only(compose):
+    services = compose["services"]
+    [device] = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert "deploy" not in services["cpu-worker"]
+
+
+def test_compose_has_no_literal_secrets_and_binds_loopback(compose):
+    for service in compose["services"].values():
+        environment = service.get("environment", {})
+        for key, value in environment.items():
+            if re.search(r"PASSWORD|SECRET", key):
+                assert str(value).startswith("${"), f"{key} must come from docker/.env"
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:")
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    return [tuple(line.split(None, 1)) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_dockerfiles_pin_install_constraints_and_run_as_non_root(kind):
+    steps = _instructions(DOCKERFILES[kind])
+    [base] = [arg for op, arg in steps if op == "FROM"]
+    assert ":" in base and "latest" not in base
+    installs = [arg for op, arg in steps if op == "RUN" and "pip install" in arg]
+    assert installs and all("-c constraints.txt" in arg for arg in installs)
+    users = [arg.strip() for op, arg in steps if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert [op for op, _ in steps][-1] == "CMD"
+    assert (DOCKERFILES[kind].parent / f"{DOCKERFILES[kind].name}.dockerignore").exists()
+
+
+def test_images_match_the_pinned_interpreter_and_torch():
+    pins = constraints()
+    [cpu_base] = [arg for op, arg in _instructions(DOCKERFILES["cpu"]) if op == "FROM"]
+    assert cpu_base.startswith(f"python:{sys.version_info.major}.{sys.version_info.minor}.")
+    [cuda_base] = [arg for op, arg in _instructions(DOCKERFILES["cuda"]) if op == "FROM"]
+    assert cuda_base.startswith(f"pytorch/pytorch:{pins['torch']}-cuda")
+
+
+def test_optional_extras_are_pinned():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = constraints()
+    for extra in ("dask",):
+        for requirement in project["optional-dependencies"][extra]:
+            name = re.split(r"[<>=\[ ;]", requirement)[0].lower().replace("_", "-")
+            assert name in pins, f"{requirement} ({extra}) is not pinned in constraints.txt"
+
+
+# -- orchestration helpers -------------------------------------------------------------------
+def test_plan_shares_a_run_between_same_pool_segments_only_when_unchunked():
+    from flows.pooled import plan_runs
+
+    whole = plan_runs(["a", "b", "c"], None)
+    assert [(p.name, p.chunks) for p in whole] == [
+        ("load", [["a", "b", "c"]]), ("embed", [["a", "b", "c"]]),
+        ("select-grids", [["a", "b", "c"]]), ("enhance+evaluate", [["a", "b", "c"]])]
+    split = plan_runs(["a", "b", "c"], 2)
+    assert [p.name for p in split] == ["load", "embed", "select-grids", "enhance", "evaluate"]
+    assert split[3].chunks == [["a", "b"], ["c"]] and split[4].chunks == [["a", "b", "c"]]
+    assert {s.pool for p in split for s in p.segments if s.name in ("embed", "enhance",
+                                                                    "evaluate")} == {"gpu"}
+
+
+def test_gpu_segments_refuse_a_worker_without_cuda_unless_asked_for_cpu(monkeypatch):
+    import torch
+
+    from flows.pooled import GPUUnavailableError, segment_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert segment_device("cpu", "auto") == "cpu"
+    assert segment_device("gpu", "cpu") == "cpu"
+    for requested in ("auto", "cuda", "cuda:1"):
+        with pytest.raises(GPUUnavailableError, match="device='cpu'"):
+            segment_device("gpu", requested)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert segment_device("gpu", "auto") == "cuda"
+    assert segment_device("gpu", "cuda:1") == "cuda:1"
+
+
+def test_credentials_are_refused_as_parameters():
+    from pydantic import ValidationError
+
+    from gridistill.config import DistillConfig
+
+    assert DistillConfig(storage_options={"endpoint_url": "http://minio:9000",
+                                          "client_kwargs": {"region_name": "eu-west-1"}})
+    with pytest.raises(ValidationError, match=r"\['secret', 'aws_session_token'\]"):
+        DistillConfig(storage_options={"secret": "s", "client_kwargs": {
+            "aws_session_token": "t"}})
+
+
+def test_redact_masks_credentials_at_any_depth():
+    from flows.pooled import redact
+
+    masked = redact({"storage_options": {"endpoint_url": "http://x", "key": "AKIA",
+                                         "secret": "s", "client_kwargs": {"aws_session_token":
+                                                                          "t"}},
+                     "items": [{"password": "p"}], "keyword": "kept"})
+    assert masked == {"storage_options": {"endpoint_url": "http://x", "key": "***",
+                                          "secret": "***", "client_kwargs": {
+                                              "aws_session_token": "***"}},
+                      "items": [{"password": "***"}], "keyword": "kept"}
+
+
+# -- task runners ----------------------------------------------------------------------------
+def test_task_runner_choices(monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from gridistill.runners import MissingExtraError, build_task_runner
+
+    runner = build_task_runner("thread", max_workers=3)
+    assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == 3
+    with pytest.raises(ValueError, match="no address"):
+        build_task_runner("thread", max_workers=1, address="tcp://x:8786")
+
+    from prefect_dask import DaskTaskRunner
+
+    remote = build_task_runner("dask", max_workers=2, address="tcp://scheduler:8786")
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://scheduler:8786"
+    local = build_task_runner("dask", max_workers=2)
+    assert local.cluster_kwargs["n_workers"] == 2
+
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as if the extra were missing
+    with pytest.raises(MissingExtraError, match=r"gridistill\[ray\]"):
+        build_task_runner("ray", max_workers=2)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_runs_the_class_fan_out(prefect_harness):
+    from prefect import flow, task
+
+    from gridistill.runners import build_task_runner
+
+    @task
+    def square(x: int) -> int:
+        return x * x
+
+    @flow
+    def fan_out(values: list[int]) -> list[int]:
+        return [future.result() for future in square.map(values)]
+
+    runner = build_task_runner("dask", max_workers=1)
+    assert fan_out.with_options(task_runner=runner)([1, 2, 3]) == [1, 4, 9]
+
+
+# -- refine-existing -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_refine_existing_moves_a_set_from_s3_to_s3(prefect_harness, s3_bucket, tmp_path,
+                                                   monkeypatch):
+    import s3fs
+    import torch
+    from PIL import Image
+    from test_refine import tiny_dit_parts  # the same tiny DiT the refine tests use
+
+    from flows.pooled import GPUUnavailableError
+    from flows.refine_existing import RefineRequest, refine_existing
+
+    bucket, options = s3_bucket
+    for part, saved in zip(("transformer", "vae", "scheduler"), tiny_dit_parts(), strict=True):
+        saved.save_pretrained(tmp_path / "dit" / part)
+    for wnid in ("n01440764", "n02102040"):
+        (tmp_path / "in" / wnid).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "in" / wnid / "a.png")
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(str(tmp_path / "in"), f"{bucket}/distilled", recursive=True)
+    request = RefineRequest(input_url=f"{bucket}/distilled", out=f"{bucket}/refined",
+                            dit=str(tmp_path / "dit"), vae=str(tmp_path / "dit"), num_steps=4,
+                            t_f=2, t_h=3, t_l=2, storage_options=options)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GPUUnavailableError):
+        refine_existing(request)  # device="auto" on a worker without CUDA
+    assert refine_existing(request.model_copy(update={"device": "cpu"})) == f"{bucket}/refined"
+    written = sorted(path.split("/refined/", 1)[1] for path in fs.find(f"{bucket}/refined"))
+    assert written == ["classes.csv", "n01440764/00000.png", "n02102040/00001.png"]
+    with pytest.raises(FileExistsError):
+        refine_existing(request.model_copy(update={"device": "cpu"}))
+
+
+def test_credentials_block_is_loaded_into_the_environment(prefect_harness, monkeypatch):
+    from deployments.setup import save_aws_credentials_block
+    from flows.pooled import use_credentials_block
+    from gridistill.config import DistillConfig
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-env")
+    use_credentials_block(DistillConfig())  # no block named: the environment stays as it is
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "from-env"
+    save_aws_credentials_block("gridistill-test-aws", "block-key-id", "block-secret")
+    use_credentials_block(DistillConfig(aws_credentials_block="gridistill-test-aws"))
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "block-key-id"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "block-secret"
