@@ -26,14 +26,14 @@ and prints where the wall time of the task runs went. ``--variants`` prototypes 
 flow's task options inside this process (the flow module is not edited):
 
 - ``baseline``: the flow as it is;
-- ``untagged``: stage tasks without tags. Prefect 3.8 asks the API for a concurrency-slot lease
-  on every task run that has any tag (``stage:<name>``, ``gpu``), whether or not a limit exists;
 - ``no-persist``: stage tasks without Prefect result persistence and cache keys (the run root's
   committed folders remain the cache: a rerun returns every stage from the run root, but
   Prefect shows the task runs as Completed, not Cached);
-- ``quiet``: the stages' per-task INFO log lines are not sent to the Prefect API;
-- ``slim-dataset``: load and enhance tasks get a dataset ref with only their own class row
-  instead of the whole class list (see :func:`slim_dataset_refs`).
+- ``quiet``: the stages' per-task INFO log lines are not sent to the Prefect API.
+
+Two earlier prototypes were measured here and are now part of the flow (see docs/scale.md):
+stage tasks carry no tags (Prefect 3.8 asks the API for a concurrency-slot lease on every
+tagged task run), and per-class tasks get a dataset ref holding only their own class.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RUN_LABEL = "task run, whole (summed over threads)"
 BODY_LABEL = "stage body incl. run-root commit"
-VARIANTS = ("baseline", "untagged", "no-persist", "quiet", "slim-dataset")
+VARIANTS = ("baseline", "no-persist", "quiet")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -160,17 +160,12 @@ def apply_variant(variant: str) -> None:
     import gridistill.stages
 
     stage_tasks = [name for name, value in vars(flow_module).items() if isinstance(value, Task)
-                   and any(tag.startswith("stage:") for tag in value.tags)]
+                   and value.fn.__module__.startswith("tasks.")]
     quiet = logging.getLogger("gridistill")
     for change in variant.split("+"):
         if change == "baseline":
             continue
-        if change == "untagged":
-            for name in stage_tasks:
-                untagged = getattr(flow_module, name).with_options()
-                untagged.tags = set()  # with_options(tags=set()) keeps the old tags ("or")
-                setattr(flow_module, name, untagged)
-        elif change == "no-persist":
+        if change == "no-persist":
             from prefect.cache_policies import NO_CACHE
 
             for name in stage_tasks:
@@ -178,40 +173,8 @@ def apply_variant(variant: str) -> None:
                     cache_policy=NO_CACHE, persist_result=False))
         elif change == "quiet":
             gridistill.stages.stage_logger = lambda: quiet  # a local logger: not sent to the API
-        elif change != "slim-dataset":
+        else:
             raise ValueError(f"unknown change {change!r} in {variant!r}; choose from {VARIANTS}")
-    if "slim-dataset" in variant.split("+"):
-        slim_dataset_refs(flow_module)
-
-
-def slim_dataset_refs(flow_module: Any) -> None:
-    """Give each per-class task a dataset ref that carries only its own class row.
-
-    The flow passes the whole dataset ref (its meta lists every class) to every load and
-    enhance task; Prefect walks every parameter several times per task run, so that costs
-    O(classes) per task and O(classes^2) per run. The ref's key is unchanged, so cache keys are.
-    """
-    from gridistill.stages import ArtifactRef
-
-    def slim(ref: Any, index: int) -> Any:
-        if isinstance(ref, ArtifactRef) and ref.stage == "dataset":
-            return ref.model_copy(update={"meta": {"classes": [ref.meta["classes"][index]]}})
-        return ref
-
-    def each(futures: list[Any], *also: Any) -> list[list[Any]]:
-        return [[future, *(slim(a, i) for a in also)] for i, future in enumerate(futures)]
-
-    load = flow_module.load_class
-
-    class SlimLoad:
-        def map(self, store: Any, classes: list[str], params: Any, upstreams: list[list[Any]],
-                forced: list[bool]) -> Any:
-            return load.map(store, classes, params,
-                            [[slim(ref, i) for ref in refs] for i, refs in enumerate(upstreams)],
-                            forced)
-
-    flow_module._each = each
-    flow_module.load_class = SlimLoad()
 
 
 @contextmanager
