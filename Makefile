@@ -14,7 +14,7 @@ DEMO_ARGS ?=
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,dask]'
 	touch $@
 
 install: $(BIN)/.installed

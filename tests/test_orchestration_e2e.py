@@ -148,11 +148,14 @@ def stage_task_states(client, parent_id: UUID) -> Counter:
     """(task run name, state name) of every stage task run under the parent run."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    from gridistill.config import STAGES
+
     runs = _flow_runs_below(client, parent_id)
     task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
         id=FlowRunFilterId(any_=[run.id for run in runs])), limit=200)
+    # Stage task runs are named "<stage>[<class or method>]" (see gridistill.stages).
     return Counter((run.name, run.state.name) for run in task_runs
-                   if any(tag.startswith("stage:") for tag in run.tags))
+                   if run.name.split("[", 1)[0] in STAGES)
 
 
 def test_deployed_run_on_pools_then_ui_rerun_of_two_classes(stack, deployed, tiny_dataset):
