@@ -41,6 +41,7 @@ from tasks.evaluate import get_protocol, harness_overhead, summarize_seeds, trai
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
 REAL_METHOD = "random-real"
+FULL_METHOD = "full-real"  # the whole real train split: the upper baseline, independent of IPC
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,12 @@ def check_methods(methods: Sequence[str]) -> dict[str, str | None]:
 
     selectors: dict[str, str | None] = {}
     for method in methods:
-        if method == REAL_METHOD:
+        if method in (REAL_METHOD, FULL_METHOD):
             selectors[method] = None
             continue
         if not method.endswith("-grid"):
-            raise SystemExit(f"unknown method {method!r}: use {REAL_METHOD} or <selector>-grid")
+            raise SystemExit(f"unknown method {method!r}: use {REAL_METHOD}, {FULL_METHOD} or "
+                             "<selector>-grid")
         selector = method.removesuffix("-grid")
         if selector not in SELECTION_METHODS:
             raise SystemExit(
@@ -157,10 +159,14 @@ def embed_pool(
 
 def distil(method: str, selector: str | None, pool: Split, embeddings: dict[int, np.ndarray],
            ipc: int, seed: int, config: BenchmarkConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distilled set of one method: (IPC * classes, 3, R, R) uint8 images and labels."""
+    """The distilled set of one method: (IPC * classes, 3, R, R) uint8 images and labels
+    (for ``full-real``: every pool image)."""
     from tasks.grids import assemble_grid
     from tasks.select import fill_by_cycling, partition_into_grids, plan_selection, select
 
+    if method == FULL_METHOD:
+        return (to_uint8_tensor([load_rgb(p) for p in pool.paths], config.resolution),
+                torch.tensor(pool.labels))
     labels = np.asarray(pool.labels)
     images, targets = [], []
     for label, class_embeddings in embeddings.items():
@@ -223,6 +229,8 @@ def run(config: BenchmarkConfig, speed_only: bool = False) -> list[dict[str, Any
     rows: list[dict[str, Any]] = []
     for ipc in () if speed_only else config.ipcs:
         for method, selector in selectors.items():
+            if method == FULL_METHOD and ipc != config.ipcs[0]:
+                continue  # independent of IPC: trained once
             for seed in config.seeds:
                 train_images, train_labels = distil(method, selector, pool, embeddings, ipc, seed,
                                                     config)
