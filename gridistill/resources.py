@@ -4,6 +4,8 @@ A class whose images do not fit the configured batch (a larger GPU model, a smal
 neighbour holding memory) should run slower, not fail. :func:`run_in_batches` calls ``fn`` on
 consecutive slices of ``items``; when a slice runs out of memory it frees what it can, halves
 the batch size, retries the same slice and keeps the smaller size for the rest of the items.
+A stage that calls it once per incoming batch (e.g. per DataLoader batch) passes one
+:class:`BatchLimit` to every call, so that a size that ran out of memory is not tried again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -46,20 +49,34 @@ def free_accelerator_memory() -> None:
         torch.mps.empty_cache()
 
 
-def run_in_batches(fn: Callable[[Sequence[T]], R], items: Sequence[T], batch_size: int, *,
-                   min_batch_size: int = 1, what: str = "batch") -> list[R]:
+@dataclass
+class BatchLimit:
+    """The batch size still believed to fit; :func:`run_in_batches` lowers it on out of memory.
+
+    Shared by several calls, it carries a halving over to the later calls (one warning, not
+    one failed attempt per call).
+    """
+
+    size: int
+
+
+def run_in_batches(fn: Callable[[Sequence[T]], R], items: Sequence[T],
+                   batch_size: int | BatchLimit, *, min_batch_size: int = 1,
+                   what: str = "batch") -> list[R]:
     """``[fn(items[0:b]), fn(items[b:2b]), ...]``, halving ``b`` on out of memory.
 
     ``fn`` must be safe to call again on the same slice (no side effects before it returns).
     A slice that runs out of memory at ``min_batch_size`` re-raises the error, as does any
     error that is not an allocation failure. ``what`` names the work in the warning that each
-    halving logs (e.g. ``"embed[n01440764]"``).
+    halving logs (e.g. ``"embed[n01440764]"``). ``batch_size`` given as a :class:`BatchLimit`
+    starts from its size and leaves the halved size in it.
     """
-    if batch_size < 1 or not 1 <= min_batch_size <= batch_size:
+    limit = batch_size if isinstance(batch_size, BatchLimit) else BatchLimit(batch_size)
+    if limit.size < 1 or not 1 <= min_batch_size <= limit.size:
         raise ValueError(f"need 1 <= min_batch_size <= batch_size, got min_batch_size="
-                         f"{min_batch_size}, batch_size={batch_size}")
+                         f"{min_batch_size}, batch_size={limit.size}")
     results: list[R] = []
-    start, size = 0, batch_size
+    start, size = 0, limit.size
     while start < len(items):
         batch = items[start:start + size]
         try:
@@ -71,7 +88,7 @@ def run_in_batches(fn: Callable[[Sequence[T]], R], items: Sequence[T], batch_siz
             log.warning("%s: out of memory at batch size %d (items %d-%d of %d); retrying at %d. "
                         "%s", what, size, start, start + len(batch) - 1, len(items), smaller,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            size = smaller
+            size = limit.size = smaller
         else:
             start += len(batch)
             continue

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gridistill.resources as resources
-from gridistill.resources import is_out_of_memory, run_in_batches
+from gridistill.resources import BatchLimit, is_out_of_memory, run_in_batches
 
 
 class FakeDevice:
@@ -43,6 +43,16 @@ def test_oom_halves_the_batch_retries_and_keeps_the_smaller_size(frees, caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2 and "embed[alpha]: out of memory at batch size 8" in warnings[0]
     assert "retrying at 2" in warnings[1]
+
+
+def test_a_shared_limit_carries_the_halving_over_to_later_calls(frees, caplog):
+    device, limit = FakeDevice(capacity=2), BatchLimit(8)
+    with caplog.at_level(logging.WARNING, logger="gridistill.resources"):
+        first = run_in_batches(device, list(range(8)), limit)
+        second = run_in_batches(device, list(range(8, 16)), limit)
+    assert [x for batch in first + second for x in batch] == [2 * x for x in range(16)]
+    assert limit.size == 2 and device.attempts == [8, 4, 2, 2, 2, 2] + [2] * 4
+    assert len(caplog.records) == 2  # the second call did not run out of memory again
 
 
 def test_no_oom_means_no_retry(frees):
