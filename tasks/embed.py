@@ -4,29 +4,41 @@ SSDIM only compares images of one class with each other, so any embedding whose 
 products reflect visual similarity works; CLIP is what the paper uses. When no CLIP weights
 exist on the machine, ``embedder="auto"`` falls back to ``pixels-pca`` and says so loudly:
 in the log, in the stage's metadata and in the run report.
+
+This stage is where every image is decoded, once (the load stage only reads headers): files
+are read, decoded and preprocessed in ``torch.utils.data.DataLoader`` worker processes
+(:class:`ImageFiles`), and the model runs on the batches they yield under
+``torch.inference_mode``; on CUDA with pinned memory, non-blocking copies, channels_last and
+bf16 (or fp16) autocast. A file that fails to decode is left out and listed with its reason.
+``benchmarks/embed.py`` measures these same functions.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 from pydantic import BaseModel
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gridistill.models import ClipBundle, MissingWeightsError, cached_model, load_clip
-from gridistill.resources import run_in_batches
+from gridistill.resources import BatchLimit, run_in_batches
 from gridistill.stages import ArtifactRef, stage_task
 from gridistill.storage import RunStore
-from tasks.ingest import read_image
+from tasks.ingest import no_usable_images, read_image, record_skipped
 
 EMBEDDERS = ("auto", "clip", "pixels-pca")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+Transform = Callable[[Image.Image], torch.Tensor]
 log = logging.getLogger(__name__)
 
 
@@ -35,72 +47,225 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def clip_embed(bundle: ClipBundle, images: Sequence[Image.Image], *, batch_size: int = 64,
-               device: str = "cpu", progress: bool = False) -> np.ndarray:
-    """L2-normalised CLIP image embeddings, (N, d) float32. A batch that runs out of GPU
-    memory is retried in halves rather than failing the class."""
-    autocast = device.startswith("cuda")
-    bar = tqdm(total=len(images), desc="embed", unit="img", disable=not progress, leave=False)
+# -- decoding in DataLoader workers ---------------------------------------------------------
+class ImageFiles(Dataset):
+    """Images from fsspec URLs, read, decoded and transformed wherever the DataLoader calls it
+    (its worker processes). Item i is ``(i, pixels, None)``, or ``(i, None, reason)`` for a
+    file that cannot be decoded: reported, never raised, so one bad file does not fail a class.
 
-    def embed_batch(batch: Sequence[Image.Image]) -> np.ndarray:
-        pixels = torch.stack([bundle.preprocess(im) for im in batch]).to(device)
-        with torch.inference_mode(), torch.autocast("cuda", enabled=autocast,
-                                                    dtype=torch.float16):
-            features = bundle.model.encode_image(pixels).float().cpu().numpy()
-        bar.update(len(batch))
-        return features
+    With ``sha256`` (the load stage's hashes) a file whose bytes changed since it was loaded is
+    refused too: its embedding would not belong to the recorded hash.
+    """
 
-    with bar:
-        chunks = run_in_batches(embed_batch, images, batch_size, what="embed")
-    return l2_normalise(np.concatenate(chunks)).astype(np.float32)
+    def __init__(self, paths: Sequence[str], transform: Transform,
+                 storage_options: dict[str, Any] | None = None,
+                 sha256: Sequence[str] | None = None) -> None:
+        self.paths, self.transform = list(paths), transform
+        self.storage_options, self.sha256 = storage_options or {}, sha256
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        decoded = read_image(self.paths[index], self.storage_options)
+        if decoded.error is not None:
+            return index, None, decoded.error
+        if self.sha256 is not None and decoded.sha256 != self.sha256[index]:
+            return index, None, (f"changed since the load stage: sha256 {decoded.sha256}, "
+                                 f"loaded as {self.sha256[index]}")
+        return index, self.transform(decoded.image), None
 
 
-def pixel_pca_embed(images: Sequence[Image.Image], *, side: int = 32, dim: int = 64) -> np.ndarray:
-    """Offline fallback: centred 32x32 RGB pixels projected on the class's top principal axes.
+class LoadedBatch(NamedTuple):
+    """One DataLoader batch: the images that decoded, stacked, and those that did not."""
+
+    indices: list[int]  # dataset positions of the rows of ``pixels``
+    pixels: torch.Tensor  # (len(indices), ...) transform outputs; empty when none decoded
+    failed: list[tuple[int, str]]  # (dataset position, reason)
+
+
+def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]) -> LoadedBatch:
+    good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
+    return LoadedBatch([index for index, _ in good],
+                       torch.stack([pixels for _, pixels in good]) if good else torch.empty(0),
+                       [(index, reason) for index, pixels, reason in items if pixels is None])
+
+
+def default_num_workers(device: str | torch.device) -> int:
+    """Decode processes for the embed DataLoader when none are configured.
+
+    CUDA: ``min(8, cores)``. One core decodes and resizes on the order of a hundred JPEGs
+    a second while a GPU embeds thousands, so decoding must run beside the model, in parallel,
+    or the GPU idles. CPU: 0 (decode in the task's thread). There the model and the decode
+    share the same cores, the flow already embeds several classes at once in threads, and
+    workers would be processes started anew for every class.
+    """
+    return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+
+
+def image_loader(dataset: ImageFiles, *, batch_size: int, num_workers: int,
+                 pin_memory: bool) -> DataLoader:
+    """Batches of ``dataset`` as :class:`LoadedBatch`, in order, decoded by ``num_workers``
+    processes (0: in the calling thread); ``pin_memory`` for non-blocking copies to CUDA."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=collate_images, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers else None)
+
+
+# -- the model ------------------------------------------------------------------------------
+def prepare_model(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """Eval mode on ``device``; on CUDA channels_last weights, which the patch-embedding
+    convolution runs fastest with (cuDNN's tensor-core kernels are NHWC)."""
+    model = model.eval().to(device)
+    if torch.device(device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(pixels: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A (pinned) host batch to ``device`` without blocking; channels_last on CUDA to match
+    :func:`prepare_model`."""
+    pixels = pixels.to(device, non_blocking=True)
+    if torch.device(device).type == "cuda":
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    return pixels
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:
+    """Mixed precision on CUDA; CPU runs float32 (CPU autocast would be slower, not faster)."""
+    if torch.device(device).type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def load_inference_clip(name: str, pretrained: str, device: str) -> ClipBundle:
+    """:func:`load_clip` with :func:`prepare_model` applied; through ``cached_model`` this runs
+    once per process, so threads embedding other classes never see the weights converted."""
+    bundle = load_clip(name, pretrained, device=device)
+    prepare_model(bundle.model, device)  # in place: Module.to returns the module itself
+    return bundle
+
+
+def clip_features(model: torch.nn.Module, pixels: torch.Tensor, device: str | torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """L2-normalised float32 image embeddings of one preprocessed batch, left on ``device``."""
+    with torch.inference_mode(), autocast(device, dtype):
+        features = model.encode_image(to_device(pixels, device))
+    return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
+def pixel_thumbnail(image: Image.Image, side: int = 32) -> torch.Tensor:
+    """The pixels-pca transform: RGB ``side`` x ``side`` bilinear thumbnail in [0, 1], flat."""
+    thumbnail = image.convert("RGB").resize((side, side), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(thumbnail, dtype=np.float32).ravel() / 255.0)
+
+
+def pixel_pca_project(thumbnails: np.ndarray, dim: int = 64) -> np.ndarray:
+    """Offline fallback: centred thumbnails projected on the class's top principal axes.
 
     Fitted per call (one class), so it needs no weights. Much weaker than CLIP: use it to run
     the pipeline without weights, not to judge selection quality.
     """
-    pixels = np.stack([
-        np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.float32).ravel()
-        for im in images
-    ]) / 255.0
-    centred = pixels - pixels.mean(axis=0, keepdims=True)
+    centred = thumbnails - thumbnails.mean(axis=0, keepdims=True)
     _, _, components = np.linalg.svd(centred, full_matrices=False)
     projected = centred @ components[:dim].T
     # A constant coordinate keeps a class of one image (or of identical ones) from becoming
     # all-zero vectors, which selection rightly refuses; it shifts every similarity equally.
-    projected = np.hstack([projected, np.full((len(pixels), 1), 1e-3, np.float32)])
+    projected = np.hstack([projected, np.full((len(thumbnails), 1), 1e-3, np.float32)])
     return l2_normalise(projected).astype(np.float32)
 
 
 @dataclass(frozen=True)
 class EmbedderChoice:
+    """An embedder split where the work happens: ``transform`` (one decoded image -> tensor,
+    in the DataLoader workers), ``encode`` (a stacked batch -> float32 features) and ``finish``
+    (all of a class's features -> L2-normalised float32 embeddings)."""
+
     name: str  # "clip:<model>/<pretrained>" or "pixels-pca"
-    embed: Callable[[Sequence[Image.Image]], np.ndarray]
+    transform: Transform
+    encode: Callable[[torch.Tensor], np.ndarray]
+    finish: Callable[[np.ndarray], np.ndarray]
     fallback_reason: str | None  # set when "auto" could not use CLIP
+    device: str = "cpu"
+    batch_size: int = 64
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embeddings of images already in memory, in this thread (no DataLoader)."""
+        chunks = [self.encode(torch.stack([self.transform(im) for im in
+                                           images[start:start + self.batch_size]]))
+                  for start in range(0, len(images), self.batch_size)]
+        return self.finish(np.concatenate(chunks))
 
 
 def choose_embedder(kind: str, *, clip_model: str, clip_pretrained: str, device: str = "cpu",
-                    batch_size: int = 64, progress: bool = False) -> EmbedderChoice:
-    """Resolve ``kind`` (auto | clip | pixels-pca) to an embedding function."""
+                    batch_size: int = 64, autocast_dtype: str = "bfloat16",
+                    what: str = "embed") -> EmbedderChoice:
+    """Resolve ``kind`` (auto | clip | pixels-pca) to an embedder.
+
+    CLIP batches that run out of memory are retried in halves, and the smaller size is kept
+    for the rest of the embedder's batches (``what`` names them in the warning).
+    """
     if kind not in EMBEDDERS:
         raise ValueError(f"unknown embedder {kind!r}; choose one of {EMBEDDERS}")
+    if autocast_dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown autocast dtype {autocast_dtype!r}; one of "
+                         f"{sorted(AUTOCAST_DTYPES)}")
+    pixels_pca = EmbedderChoice("pixels-pca", pixel_thumbnail, lambda batch: batch.numpy(),
+                                pixel_pca_project, None, device, batch_size)
     if kind == "pixels-pca":
-        return EmbedderChoice("pixels-pca", pixel_pca_embed, None)
+        return pixels_pca
     try:
-        bundle = cached_model(load_clip, clip_model, clip_pretrained, device=device)
+        bundle = cached_model(load_inference_clip, clip_model, clip_pretrained, device=device)
     except MissingWeightsError as exc:
         if kind == "clip":
             raise
         reason = f"CLIP weights unavailable ({clip_model}/{clip_pretrained}); using pixels-pca"
         log.warning("!!! EMBEDDER FALLBACK: %s\n%s", reason, exc)
-        return EmbedderChoice("pixels-pca", pixel_pca_embed, reason)
+        return replace(pixels_pca, fallback_reason=reason)
+    model, dtype = bundle.model, AUTOCAST_DTYPES[autocast_dtype]
+    limit = BatchLimit(batch_size)
 
-    def embed(images: Sequence[Image.Image]) -> np.ndarray:
-        return clip_embed(bundle, images, batch_size=batch_size, device=device, progress=progress)
+    def encode(pixels: torch.Tensor) -> np.ndarray:
+        # Contiguous slices of a pinned batch stay pinned, so each part still copies async.
+        parts = run_in_batches(
+            lambda rows: clip_features(model, pixels[rows.start:rows.stop], device,
+                                       dtype).cpu().numpy(),
+            range(len(pixels)), limit, what=what)
+        return np.concatenate(parts)
 
-    return EmbedderChoice(f"clip:{clip_model}/{clip_pretrained}", embed, None)
+    return EmbedderChoice(f"clip:{clip_model}/{clip_pretrained}", bundle.preprocess, encode,
+                          l2_normalise, None, device, batch_size)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: np.ndarray  # (len(kept), d) float32, L2-normalised
+    kept: list[int]  # positions in the input paths of the rows of ``vectors``
+    failed: list[tuple[int, str]]  # positions that could not be decoded, and why
+
+
+def embed_files(choice: EmbedderChoice, paths: Sequence[str], *,
+                storage_options: dict[str, Any] | None = None,
+                sha256: Sequence[str] | None = None, num_workers: int = 0,
+                progress: bool = False) -> Embedded:
+    """Embed image files, decoded in ``num_workers`` DataLoader processes; files that fail to
+    decode are left out of the vectors and returned in ``failed``."""
+    dataset = ImageFiles(paths, choice.transform, storage_options, sha256)
+    pin = torch.device(choice.device).type == "cuda"
+    kept: list[int] = []
+    failed: list[tuple[int, str]] = []
+    chunks: list[np.ndarray] = []
+    with tqdm(total=len(dataset), desc="embed", unit="img", disable=not progress,
+              leave=False) as bar:
+        for batch in image_loader(dataset, batch_size=choice.batch_size,
+                                  num_workers=num_workers, pin_memory=pin):
+            if batch.indices:
+                chunks.append(choice.encode(batch.pixels))
+                kept += batch.indices
+            failed += batch.failed
+            bar.update(len(batch.indices) + len(batch.failed))
+    vectors = choice.finish(np.concatenate(chunks)) if chunks else np.zeros((0, 0), np.float32)
+    return Embedded(vectors, kept, failed)
 
 
 # -- Prefect task ----------------------------------------------------------------------------
@@ -110,24 +275,40 @@ class EmbedParams(BaseModel):
     clip_pretrained: str = "laion2b_s34b_b79k"
     device: str = "cpu"
     batch_size: int = 64
+    num_workers: int | None = None  # decode processes; None: default_num_workers(device)
+    autocast_dtype: str = "bfloat16"  # CUDA only ("float16" possible); CPU runs float32
     progress: bool = True
 
 
 @stage_task("embed")
 def embed_class(store: RunStore, folder: str, scope: str, params: EmbedParams,
                 upstream: list[ArtifactRef]) -> dict[str, Any]:
-    """Embed one class's validated images; float16 L2-normalised vectors in Parquet."""
+    """Decode and embed one class's validated images; float16 L2-normalised vectors in Parquet.
+
+    Images that fail to decode are left out of ``embeddings.parquet`` and listed, with their
+    reasons, in ``skipped.parquet`` beside it.
+    """
     (loaded,) = upstream
     images = store.read_parquet(f"{loaded.folder}/images.parquet")
     choice = choose_embedder(params.embedder, clip_model=params.clip_model,
                              clip_pretrained=params.clip_pretrained, device=params.device,
-                             batch_size=params.batch_size, progress=params.progress)
-    pixels = [read_image(path, store.storage_options).image for path in images["path"]]
-    vectors = choice.embed(pixels)
-    table = images[["image_id", "path", "sha256"]].assign(
-        embedding=list(vectors.astype(np.float16)))
+                             batch_size=params.batch_size, autocast_dtype=params.autocast_dtype,
+                             what=f"embed[{scope}]")
+    workers = (default_num_workers(params.device) if params.num_workers is None
+               else params.num_workers)
+    result = embed_files(choice, images["path"].tolist(), storage_options=store.storage_options,
+                         sha256=images["sha256"].tolist(), num_workers=workers,
+                         progress=params.progress)
+    skipped = [(images["path"].iat[index], reason) for index, reason in sorted(result.failed)]
+    # Written first, so that a class with nothing usable still leaves its reasons to read.
+    by_reason = record_skipped(store, folder, "embed", scope, skipped, len(images))
+    if not result.kept:
+        raise no_usable_images(store, folder, scope, len(skipped), by_reason)
+    table = images.iloc[result.kept][["image_id", "path", "sha256"]].reset_index(drop=True)
+    table = table.assign(embedding=list(result.vectors.astype(np.float16)))
     store.write_parquet(f"{folder}/embeddings.parquet", table)
-    return {"embedder": choice.name, "dim": int(vectors.shape[1]), "images": len(table)}
+    return {"embedder": choice.name, "dim": int(result.vectors.shape[1]), "images": len(table),
+            "skipped": len(skipped), "skipped_by_reason": by_reason}
 
 
 def read_embeddings(store: RunStore, ref: ArtifactRef) -> tuple[pd.DataFrame, np.ndarray]:

@@ -185,18 +185,46 @@ class DecodedImage:
     error: str | None
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    sha256: str
+    size: tuple[int, int] | None  # (width, height) as the header states it; None when unreadable
+    error: str | None
+
+
+def _size_error(image: Image.Image) -> str | None:
+    # PIL raises past twice MAX_IMAGE_PIXELS and only warns below; refuse both, from the
+    # header, before decoding (a warnings filter would be process-global, not per thread).
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        return f"decompression bomb or huge image: {image.width}x{image.height} pixels"
+    return None
+
+
+def probe_image(data: bytes) -> ImageHeader:
+    """Hash the bytes and parse the header only: format, size, the pixel limit. No pixel is
+    decoded, so this costs a read and a hash, not a decode. A file that passes can still fail
+    :func:`decode_image` (truncated or corrupt pixel data); that shows where the pixels are
+    decoded once, in the embed stage. Problems are reported, never raised."""
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return ImageHeader(digest, None, "empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return ImageHeader(digest, image.size, _size_error(image))
+    except Exception as exc:  # a corrupt header can trip any plugin's parser: report it
+        return ImageHeader(digest, None, f"{type(exc).__name__}: {exc}")
+
+
 def decode_image(data: bytes) -> DecodedImage:
     """Decode bytes to an RGB image; problems are reported, never raised."""
     digest = hashlib.sha256(data).hexdigest()
     if not data:
         return DecodedImage(None, digest, "empty file")
     try:
-        # PIL raises past twice MAX_IMAGE_PIXELS and only warns below; refuse both, from the
-        # header, before decoding (a warnings filter would be process-global, not per thread).
         image = Image.open(io.BytesIO(data))
-        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-            return DecodedImage(None, digest, f"decompression bomb or huge image: "
-                                f"{image.width}x{image.height} pixels")
+        too_large = _size_error(image)
+        if too_large:
+            return DecodedImage(None, digest, too_large)
         image.load()
         transparent = image.mode == "P" and "transparency" in image.info
         if image.mode in ("RGBA", "LA", "PA") or transparent:
@@ -212,14 +240,39 @@ def decode_image(data: bytes) -> DecodedImage:
         return DecodedImage(None, digest, f"{type(exc).__name__}: {exc}")
 
 
-def read_image(path: str, storage_options: dict[str, Any] | None = None) -> DecodedImage:
-    """Read and decode one image from any fsspec URL."""
+def read_bytes(path: str, storage_options: dict[str, Any] | None = None) -> bytes | str:
+    """The bytes of one file from any fsspec URL, or why there are none (a missing file)."""
     try:
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError as exc:
-        return DecodedImage(None, "", f"missing file: {exc}")
-    return decode_image(data)
+        return f"missing file: {exc}"
+
+
+def read_image(path: str, storage_options: dict[str, Any] | None = None) -> DecodedImage:
+    """Read and decode one image from any fsspec URL."""
+    data = read_bytes(path, storage_options)
+    return DecodedImage(None, "", data) if isinstance(data, str) else decode_image(data)
+
+
+def record_skipped(store: RunStore, folder: str, stage: str, scope: str,
+                   skipped: list[tuple[str, str]], total: int) -> dict[str, int]:
+    """Write ``<folder>/skipped.parquet`` (path, reason), warn when it is not empty and return
+    the count per reason category (the text before the first colon)."""
+    frame = pd.DataFrame(skipped, columns=["path", "reason"], dtype=str)
+    store.write_parquet(f"{folder}/skipped.parquet", frame)
+    by_reason = frame["reason"].str.split(":").str[0].value_counts().to_dict()
+    if skipped:
+        stage_logger().warning("%s[%s]: skipped %d of %d images %s (listed in %s)", stage, scope,
+                               len(skipped), total, by_reason,
+                               store.url(f"{folder}/skipped.parquet"))
+    return by_reason
+
+
+def no_usable_images(store: RunStore, folder: str, scope: str, skipped: int,
+                     by_reason: dict[str, int]) -> ValueError:
+    return ValueError(f"class {scope!r} has no usable images: {skipped} skipped {by_reason}; "
+                      f"see {store.url(f'{folder}/skipped.parquet')}")
 
 
 # -- Prefect tasks ---------------------------------------------------------------------------
@@ -287,34 +340,30 @@ class LoadParams(BaseModel):
 @stage_task("load")
 def load_class(store: RunStore, folder: str, scope: str, params: LoadParams,
                upstream: list[ArtifactRef]) -> dict[str, Any]:
-    """Decode and validate one class's pool images; report every skipped file and why."""
+    """Validate one class's pool images from their bytes and headers; report every skipped
+    file and why. Pixels are not decoded here: at ImageNet scale a decode costs more than the
+    read, and the embed stage decodes every image anyway (and lists those that fail there)."""
     (dataset,) = upstream
     rows = store.read_parquet(f"{dataset.folder}/classes/{scope}.parquet")
     rows = rows[rows["split"] == "pool"]
     kept, skipped, seen = [], [], {}
     for path in tqdm(rows["path"], desc=f"load {scope}", unit="img", leave=False):
-        decoded = read_image(path, store.storage_options)
-        reason = decoded.error
-        if reason is None and min(decoded.image.size) < params.min_side:
-            reason = f"too small: {decoded.image.size}, under {params.min_side}px"
-        if reason is None and decoded.sha256 in seen:
-            reason = f"exact duplicate: same bytes as {seen[decoded.sha256]}"
+        data = read_bytes(path, store.storage_options)
+        header = ImageHeader("", None, data) if isinstance(data, str) else probe_image(data)
+        reason = header.error
+        if reason is None and min(header.size) < params.min_side:
+            reason = f"too small: {header.size}, under {params.min_side}px"
+        if reason is None and header.sha256 in seen:
+            reason = f"exact duplicate: same bytes as {seen[header.sha256]}"
         if reason is not None:
             skipped.append((path, reason))
             continue
-        seen[decoded.sha256] = path
-        kept.append((len(kept), path, decoded.sha256, *decoded.image.size))
-    skipped_frame = pd.DataFrame(skipped, columns=["path", "reason"], dtype=str)
+        seen[header.sha256] = path
+        kept.append((len(kept), path, header.sha256, *header.size))
     # Written first, so that a class with nothing usable still leaves its reasons to read.
-    store.write_parquet(f"{folder}/skipped.parquet", skipped_frame)
-    by_reason = skipped_frame["reason"].str.split(":").str[0].value_counts().to_dict()
-    if skipped:
-        stage_logger().warning("load[%s]: skipped %d of %d images %s (listed in %s)", scope,
-                               len(skipped), len(rows), by_reason,
-                               store.url(f"{folder}/skipped.parquet"))
+    by_reason = record_skipped(store, folder, "load", scope, skipped, len(rows))
     if not kept:
-        raise ValueError(f"class {scope!r} has no usable images: {len(skipped)} skipped "
-                         f"{by_reason}; see {store.url(f'{folder}/skipped.parquet')}")
+        raise no_usable_images(store, folder, scope, len(skipped), by_reason)
     store.write_parquet(f"{folder}/images.parquet", pd.DataFrame(
         kept, columns=["image_id", "path", "sha256", "width", "height"]))
     return {"images": len(kept), "skipped": len(skipped), "skipped_by_reason": by_reason}

@@ -1,11 +1,24 @@
 import json
+import logging
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from gridistill.models import MissingWeightsError, load_clip
-from tasks.embed import choose_embedder, clip_embed, pixel_pca_embed
+from gridistill.models import MissingWeightsError, cached_model, load_clip
+from gridistill.stages import StoreSpec
+from gridistill.storage import RunStore
+from tasks.embed import (
+    EmbedParams,
+    choose_embedder,
+    embed_class,
+    embed_files,
+    load_inference_clip,
+    pixel_pca_project,
+    pixel_thumbnail,
+)
+from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
 from tests.conftest import make_image
 
 TINY_CLIP = {
@@ -36,7 +49,8 @@ def test_clip_loads_a_local_checkpoint_and_embeds(tiny_clip_checkpoint):
                                 reference.state_dict().values(), strict=True):
         assert torch.equal(loaded, original)  # the checkpoint's weights, not a fresh init
     images = [make_image((200, 0, 0), seed) for seed in range(5)]
-    vectors = clip_embed(bundle, images, batch_size=2)
+    vectors = choose_embedder("clip", clip_model=name, clip_pretrained=path,
+                              batch_size=2).embed(images)
     assert vectors.shape == (5, 16)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
@@ -59,9 +73,111 @@ def test_auto_falls_back_loudly_and_clip_is_strict(caplog):
 def test_pixel_pca_separates_classes():
     images = [make_image((220, 30, 30), s) for s in range(8)]
     images += [make_image((30, 30, 220), 100 + s) for s in range(8)]
+    def pixel_pca_embed(images, dim):
+        return pixel_pca_project(np.stack([pixel_thumbnail(im).numpy() for im in images]), dim)
+
     vectors = pixel_pca_embed(images, dim=8)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     similarity = vectors @ vectors.T
     within = (similarity[:8, :8].mean() + similarity[8:, 8:].mean()) / 2
     assert within > similarity[:8, 8:].mean() + 0.5
     np.testing.assert_array_equal(vectors, pixel_pca_embed(images, dim=8))
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    """10 files (JPEG and PNG, several sizes) and their decoded-in-memory equivalents."""
+    paths = []
+    for i in range(10):
+        image = make_image((40 * (i % 5), 90, 160), i, size=24 + 8 * (i % 3))
+        path = tmp_path / f"{i:02d}.{'jpg' if i % 2 else 'png'}"
+        image.save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["clip", "pixels-pca"])
+def test_decode_workers_do_not_change_the_embeddings(tiny_clip_checkpoint, image_files, kind):
+    name, path, _ = tiny_clip_checkpoint
+    choice = choose_embedder(kind, clip_model=name, clip_pretrained=path, batch_size=4)
+    in_thread = embed_files(choice, image_files, num_workers=0)
+    in_workers = embed_files(choice, image_files, num_workers=2)
+    assert in_thread.kept == in_workers.kept == list(range(10)) and in_thread.failed == []
+    np.testing.assert_array_equal(in_thread.vectors, in_workers.vectors)
+    from tasks.ingest import read_image
+
+    decoded = [read_image(p).image for p in image_files]
+    np.testing.assert_allclose(in_thread.vectors, choice.embed(decoded), atol=1e-6)
+
+
+def test_an_out_of_memory_batch_is_embedded_in_halves(tiny_clip_checkpoint, image_files,
+                                                       monkeypatch, caplog):
+    name, path, _ = tiny_clip_checkpoint
+    choice = choose_embedder("clip", clip_model=name, clip_pretrained=path, batch_size=4,
+                             what="embed[test]")
+    expected = embed_files(choice, image_files).vectors
+    model = cached_model(load_inference_clip, name, path, device="cpu").model
+    original, sizes = model.encode_image, []
+
+    def small_device(pixels, *args, **kwargs):
+        sizes.append(len(pixels))
+        if len(pixels) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return original(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_image", small_device)
+    choice = choose_embedder("clip", clip_model=name, clip_pretrained=path, batch_size=4,
+                             what="embed[test]")
+    with caplog.at_level(logging.WARNING, logger="gridistill.resources"):
+        halved = embed_files(choice, image_files).vectors
+    np.testing.assert_allclose(halved, expected, atol=1e-6)
+    assert sizes == [4, 2, 2] + [2, 2] + [2]  # one failure; later loader batches start at 2
+    assert ["embed[test]: out of memory at batch size 4" in r.getMessage()
+            for r in caplog.records] == [True]
+
+
+def test_a_file_that_fails_to_decode_is_dropped_at_embed_with_its_reason(tiny_dataset,
+                                                                         tmp_path, caplog):
+    alpha = tiny_dataset["train"] / "alpha"
+    jpeg = (tmp_path / "x.jpg")
+    make_image((200, 40, 40), 99).save(jpeg, quality=90)
+    data = jpeg.read_bytes()
+    (alpha / "img_005.png").unlink()
+    (alpha / "truncated.jpg").write_bytes(data[:len(data) // 2])  # a whole header, half a scan
+    store = StoreSpec(root=str(tmp_path / "run"))
+    dataset = index_dataset.fn(store, IndexParams(data=str(tiny_dataset["train"]),
+                                                  holdout_share=0))
+    loaded = load_class.fn(store, "alpha", LoadParams(), [dataset])
+    assert loaded.meta["skipped"] == 0 and loaded.meta["images"] == 12  # the header is fine
+    with caplog.at_level(logging.WARNING):
+        ref = embed_class.fn(store, "alpha", EmbedParams(embedder="pixels-pca", progress=False),
+                             [loaded])
+    run = RunStore(store.root)
+    images = run.read_parquet(f"{loaded.folder}/images.parquet")
+    table = run.read_parquet(f"{ref.folder}/embeddings.parquet")
+    skipped = run.read_parquet(f"{ref.folder}/skipped.parquet")
+    [bad_id] = images.loc[images["path"].str.endswith("truncated.jpg"), "image_id"]
+    assert skipped["path"].str.endswith("truncated.jpg").tolist() == [True]
+    assert skipped["reason"].iat[0].startswith("OSError: image file is truncated")
+    assert ref.meta["images"] == 11 and ref.meta["skipped_by_reason"] == {"OSError": 1}
+    # Ids and paths stay those of the load stage's table, minus the dropped row.
+    expected = images[images["image_id"] != bad_id][["image_id", "path", "sha256"]]
+    pd.testing.assert_frame_equal(table[["image_id", "path", "sha256"]],
+                                  expected.reset_index(drop=True))
+    assert "embed[alpha]: skipped 1 of 12 images {'OSError': 1}" in caplog.text
+
+
+def test_a_class_that_decodes_nothing_fails_with_its_reasons(tiny_dataset, tmp_path):
+    store = StoreSpec(root=str(tmp_path / "run"))
+    dataset = index_dataset.fn(store, IndexParams(data=str(tiny_dataset["train"]),
+                                                  holdout_share=0))
+    loaded = load_class.fn(store, "beta", LoadParams(), [dataset])
+    for path in RunStore(store.root).read_parquet(f"{loaded.folder}/images.parquet")["path"]:
+        with open(path, "r+b") as f:  # same size, same header: only the hash tells
+            f.seek(-8, 2)
+            f.write(b"\0" * 8)
+    with pytest.raises(ValueError, match=r"class 'beta' has no usable images: 12 skipped "
+                                         r"\{'changed since the load stage': 12\}; see .*"
+                                         r"embed/beta/.*/skipped.parquet"):
+        embed_class.fn(store, "beta", EmbedParams(embedder="pixels-pca", progress=False),
+                       [loaded])

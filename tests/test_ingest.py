@@ -90,3 +90,35 @@ def test_decode_handles_modes_and_reports_bad_files():
     for data, reason in [(b"", "empty"), (b"not an image", "Unidentified"), (truncated, "")]:
         decoded = decode_image(data)
         assert decoded.image is None and reason in decoded.error
+
+
+def test_load_stage_reads_headers_and_never_decodes_pixels(tiny_dataset, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from gridistill.stages import StoreSpec
+    from gridistill.storage import RunStore
+    from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+
+    def no_decode(self, *args, **kwargs):
+        raise AssertionError("the load stage decoded pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    store = StoreSpec(root=str(tmp_path / "run"))
+    dataset = index_dataset.fn(store, IndexParams(data=str(tiny_dataset["train"]),
+                                                  holdout_share=0))
+    ref = load_class.fn(store, "gamma", LoadParams(), [dataset])
+    images = RunStore(store.root).read_parquet(f"{ref.folder}/images.parquet")
+    assert ref.meta["images"] == 12 and (images[["width", "height"]] == 32).all().all()
+    assert images["sha256"].str.fullmatch("[0-9a-f]{64}").all()
+
+
+def test_probe_reads_the_header_only():
+    from tasks.ingest import probe_image
+
+    noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    jpeg = _encode(Image.fromarray(noise), "JPEG")  # noise: most of the bytes are the scan
+    assert probe_image(jpeg).size == (40, 30) and probe_image(jpeg).error is None
+    truncated = probe_image(jpeg[:len(jpeg) // 2])  # header intact: caught at decode instead
+    assert truncated.error is None and decode_image(jpeg[:len(jpeg) // 2]).error
+    for data, reason in [(b"", "empty"), (b"not an image", "Unidentified")]:
+        assert reason in probe_image(data).error
