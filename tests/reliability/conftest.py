@@ -65,7 +65,8 @@ def png_claiming_size(width: int, height: int) -> bytes:
 
 
 def hostile_files() -> dict[str, tuple[bytes, str]]:
-    """File name -> (bytes, the reason category ``load`` must report, "" when kept)."""
+    """File name -> (bytes, the reason category reported, "" when kept): by ``load`` from the
+    header, or by ``embed`` where the pixels are decoded (truncated.jpg, corrupt.jpg)."""
     good = noise_image(7, (40, 30))
     jpeg = encode(good, "JPEG", quality=90)
     deep = Image.fromarray(np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16))

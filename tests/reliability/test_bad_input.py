@@ -81,22 +81,40 @@ def _png(image: Image.Image) -> bytes:
     return encode(image, "PNG")
 
 
-def test_load_stage_reports_each_skipped_file_with_its_reason(tmp_path):
+# Files whose header is valid but whose pixel data is not: the load stage reads headers only,
+# so these are found where the pixels are decoded, once, in the embed stage.
+DECODE_FAILURES = ("truncated.jpg", "corrupt.jpg")
+
+
+def _reasons(store: RunStore, folder: str) -> dict[str, str]:
+    skipped = store.read_parquet(f"{folder}/skipped.parquet")
+    return {Path(p).name: r for p, r in zip(skipped["path"], skipped["reason"], strict=True)}
+
+
+def test_load_and_embed_report_each_skipped_file_with_its_reason(tmp_path):
     data = hostile_dataset(tmp_path / "data")
     refs = run_pipeline(str(tmp_path / "run"), str(data), str(clean_test_set(tmp_path / "test")))
     store = RunStore(str(tmp_path / "run"))
     by_scope = {ref.scope: ref for ref in refs["load"]}
-    skipped = store.read_parquet(f"{by_scope['alpha'].folder}/skipped.parquet")
-    reasons = {Path(p).name: r for p, r in zip(skipped["path"], skipped["reason"], strict=True)}
+    embedded = {ref.scope: ref for ref in refs["embed"]}
     expected = {name: reason for name, (_, reason) in hostile_files().items() if reason}
     expected["img_00.png"] = "exact duplicate: same bytes as " + str(data / "alpha/copy_of_00.png")
-    assert set(reasons) == set(expected)
-    for name, reason in expected.items():
-        assert reasons[name].startswith(reason), (name, reasons[name])
+    at_embed = {name: expected.pop(name) for name in DECODE_FAILURES}
+    for folder, wanted in [(by_scope["alpha"].folder, expected),
+                           (embedded["alpha"].folder, at_embed)]:
+        reasons = _reasons(store, folder)
+        assert set(reasons) == set(wanted), folder
+        for name, reason in wanted.items():
+            assert reasons[name].startswith(reason), (name, reasons[name])
     kept = store.read_parquet(f"{by_scope['alpha'].folder}/images.parquet")
     assert len(kept) == 12 + len(hostile_files()) - len(expected) + 1  # + copy_of_00, - img_00
+    table = store.read_parquet(f"{embedded['alpha'].folder}/embeddings.parquet")
+    assert len(table) == len(kept) - len(at_embed)
+    assert not any(table["path"].str.endswith(DECODE_FAILURES))
     meta = by_scope["alpha"].meta
     assert meta["skipped"] == len(expected) == sum(meta["skipped_by_reason"].values())
+    assert embedded["alpha"].meta["skipped_by_reason"] == {"OSError": len(at_embed)}
+    assert embedded["beta é x"].meta["skipped"] == 0
     # Every class still produced its grid; gamma's 3 images were cycled to fill 4 cells.
     assert [ref.meta["grids"] for ref in refs["grids"]] == [1, 1, 1]
     assert {ref.scope: ref.meta["filled"] for ref in refs["select"]} == {
@@ -124,13 +142,17 @@ def test_a_class_with_no_usable_image_is_a_clear_error_with_its_reasons(tmp_path
     for index, (data_bytes, reason) in enumerate(hostile_files().values()):
         if reason not in ("", "too small"):
             (data / "broken" / f"{index}.jpg").write_bytes(data_bytes)
-    with pytest.raises(ValueError, match=r"class 'broken' has no usable images: \d+ skipped "
-                                         r"\{.*OSError.*\}; see .*skipped.parquet"):
+    # Header failures stop at load; the decode failures (valid headers) stop the class at embed.
+    with pytest.raises(ValueError, match=r"class 'broken' has no usable images: 2 skipped "
+                                         r"\{'OSError': 2\}; see .*embed/broken/.*skipped.parquet"):
         run_pipeline(str(tmp_path / "run"), str(data), None)
-    [folder] = (tmp_path / "run" / "load" / "broken").iterdir()
-    assert len(pd.read_parquet(folder / "skipped.parquet")) >= 5  # readable, not committed
+    [load_folder] = (tmp_path / "run" / "load" / "broken").iterdir()
+    assert len(pd.read_parquet(load_folder / "skipped.parquet")) >= 4  # 5 less the test share
+    [folder] = (tmp_path / "run" / "embed" / "broken").iterdir()
+    reasons = pd.read_parquet(folder / "skipped.parquet")["reason"]  # readable, not committed
+    assert len(reasons) == 2 and reasons.str.startswith("OSError").all()
     assert not (folder / "_COMMITTED.json").exists()
-    assert not (tmp_path / "run" / "embed").exists()  # stopped before any model work
+    assert not (tmp_path / "run" / "select").exists()  # stopped before selection
 
 
 @pytest.mark.slow
@@ -253,14 +275,16 @@ def hostile_run(flows, tmp_path_factory) -> tuple[RunStore, str]:
 @pytest.mark.slow
 def test_hostile_dataset_through_the_real_flow(hostile_run):
     store, log = hostile_run
-    [load_alpha] = store.list("load/alpha")
-    skipped = store.read_parquet(f"{load_alpha}/skipped.parquet")
+    [load_alpha], [embed_alpha] = store.list("load/alpha"), store.list("embed/alpha")
+    skipped = pd.concat([store.read_parquet(f"{load_alpha}/skipped.parquet"),
+                         store.read_parquet(f"{embed_alpha}/skipped.parquet")])
     assert len(skipped) == sum(1 for _, reason in hostile_files().values() if reason) + 1
     timings = store.read_parquet("timings.parquet")
     assert set(timings["status"]) == {"Completed"}
     assert set(timings["scope"]) == {"alpha", "beta é x", "gamma", "ssdim", "random"}
     assert store.read_parquet("metrics.parquet")["test_images"].tolist() == [6, 6]
     assert "load[alpha]: skipped" in log and "ignored 3 entries" in log  # in the run's log
+    assert "embed[alpha]: skipped 2 of" in log
 
 
 @pytest.mark.slow
