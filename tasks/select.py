@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -33,12 +34,15 @@ import scipy.linalg
 # ---------------------------------------------------------------------------------------------
 
 
-def normalise_embeddings(embeddings: np.ndarray) -> np.ndarray:
-    """Return the rows of ``embeddings`` scaled to unit L2 norm, as float32.
+def normalise_embeddings(embeddings: Any) -> np.ndarray:
+    """Return the rows of ``embeddings`` scaled to unit L2 norm, as a float32 numpy array.
 
-    Raises ValueError for anything that is not a finite 2-D array without zero rows: such a row
-    has no direction, so it has no place in a cosine kernel.
+    ``embeddings``: anything ``np.asarray`` takes, or a torch tensor on any device (copied to
+    the host). Raises ValueError for anything that is not a finite 2-D array without zero rows:
+    such a row has no direction, so it has no place in a cosine kernel.
     """
+    if type(embeddings).__module__.startswith("torch"):  # a tensor, without importing torch
+        embeddings = embeddings.detach().cpu().numpy()
     array = np.asarray(embeddings)
     if array.ndim != 2:
         raise ValueError(
@@ -108,6 +112,23 @@ def spectral_energy(embeddings: np.ndarray, rank: int = 32) -> np.ndarray:
     return _spectrum(normalise_embeddings(embeddings).astype(np.float64), rank)[0]
 
 
+def _torch() -> Any:
+    """The torch module, imported only when a torch device is asked for (the numpy path never
+    pays for, or needs, the import)."""
+    import torch
+
+    return torch
+
+
+# Largest temporary of kernel rows, in elements (16 MB of float32): kernel rows are computed in
+# blocks of ``_BLOCK_ELEMENTS // M`` rows, so no temporary grows with ``M^2``.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_block(num_images: int, most: int = 256) -> int:
+    return max(1, min(most, _BLOCK_ELEMENTS // num_images))
+
+
 class _Kernel:
     """Rows of ``K = E E^T`` (``K`` is symmetric, so rows are columns), as float32.
 
@@ -115,24 +136,101 @@ class _Kernel:
     computed on demand from ``E`` (``dense=False``), for pools too large for a dense kernel: then
     memory is ``O(M d)`` plus ``O(M)`` per requested row, and every value is the same kernel
     entry, so the objective is unchanged.
+
+    ``device``: None computes with numpy; a torch device (``"cuda"``, ``"cpu"``) keeps ``E`` (and
+    the dense matrix) there and runs the ``O(M d)``-per-row work on it: kernel rows, the
+    coverage-gain reductions and the neighbour search. Every method returns host numpy arrays, so
+    the solvers' ``O(M k)`` and ``k x k`` bookkeeping is the same code for both.
     """
 
-    def __init__(self, unit_embeddings: np.ndarray, dense: bool):
+    def __init__(self, unit_embeddings: np.ndarray, dense: bool, device: str | None = None):
         self.embeddings = unit_embeddings
         self.size = unit_embeddings.shape[0]
-        self.matrix = unit_embeddings @ unit_embeddings.T if dense else None
+        self.device = device
+        if device is None:
+            self.xp, self.source = np, unit_embeddings
+        else:
+            self.xp = _torch()
+            self.source = self.xp.as_tensor(unit_embeddings, device=device)
+        self.matrix = self.source @ self.source.T if dense else None
+
+    def _native(self, array: np.ndarray) -> Any:
+        return array if self.device is None else self.xp.as_tensor(array, device=self.device)
+
+    def _host(self, array: Any) -> np.ndarray:
+        return array if self.device is None else array.cpu().numpy()
+
+    def _native_rows(self, indices: np.ndarray) -> Any:
+        indices = self._native(np.asarray(indices, dtype=np.int64))
+        if self.matrix is not None:
+            return self.matrix[indices]
+        return self.source[indices] @ self.source.T
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """``K[indices]``: a fresh float32 array of shape ``(len(indices), M)``."""
-        if self.matrix is not None:
-            return self.matrix[indices]
-        return self.embeddings[indices] @ self.embeddings.T
+        return self._host(self._native_rows(indices))
 
     def block(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """``K[rows][:, columns]`` without forming whole rows."""
+        rows, columns = self._native(rows), self._native(columns)
         if self.matrix is not None:
-            return self.matrix[np.ix_(rows, columns)]
-        return self.embeddings[rows] @ self.embeddings[columns].T
+            return self._host(self.matrix[rows[:, None], columns])
+        return self._host(self.source[rows] @ self.source[columns].T)
+
+    def coverage_gains(self, candidates: np.ndarray, best: np.ndarray) -> np.ndarray:
+        """``sum_i max(K_ic, best_i) - sum_i best_i`` per candidate ``c``, in float64.
+
+        Each sum is accumulated in float64 so the difference keeps its precision. One row per
+        candidate, reduced along the row: a candidate's gain does not depend on which others are
+        evaluated with it, so lazy and plain greedy see bit-identical gains.
+        """
+        rows = self._native_rows(candidates)
+        self.xp.maximum(rows, self._native(best), out=rows)
+        return self._host(rows.sum(axis=1, dtype=self.xp.float64)) - best.sum(dtype=np.float64)
+
+    def neighbours(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``count`` columns of every row of ``K`` (the row itself included) and their
+        kernel values, most similar first: ``(M, count)`` int64 and float32 arrays.
+
+        Kernel rows are computed ``_row_block`` at a time, so memory is ``O(M count)`` plus one
+        block. numpy selects with ``_top_columns``; torch with ``topk``.
+        """
+        indices = np.empty((self.size, count), dtype=np.int64)
+        values = np.empty((self.size, count), dtype=np.float32)
+        step = _row_block(self.size)
+        for start in range(0, self.size, step):
+            stop = min(self.size, start + step)
+            rows = self._native_rows(np.arange(start, stop))
+            if self.device is None:
+                indices[start:stop], values[start:stop] = _top_columns(rows, count)
+            else:
+                top_values, top_indices = self.xp.topk(rows, count, dim=1)
+                indices[start:stop], values[start:stop] = (
+                    self._host(top_indices), self._host(top_values))
+        return indices, values
+
+
+def _top_columns(rows: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``count`` columns per row of ``rows``, largest first (ties: lower column).
+
+    ``np.argpartition`` along rows of length ``M`` costs about 30 ns per entry, more than the
+    matrix product that made them. Instead: split each row into ``groups`` interleaved groups and
+    take their maxima (an elementwise maximum of contiguous slices, SIMD-fast); the
+    ``count``-th largest group maximum is a threshold that at least ``count`` entries reach (the
+    maxima are distinct entries), so the top ``count`` are among the entries at or above it,
+    typically a few more than ``count`` per row. Those are sorted by (row, -value).
+    """
+    num_rows, width = rows.shape
+    groups = max(1, min(32, width // (4 * count)))
+    padded = np.pad(rows, ((0, 0), (0, (-width) % groups)), constant_values=-np.inf)
+    group_maxima = padded.reshape(num_rows, groups, -1).max(axis=1)
+    threshold = np.partition(group_maxima, -count, axis=1)[:, -count]
+    row_of, column_of = np.nonzero(rows >= threshold[:, None])
+    value_of = rows[row_of, column_of]
+    order = np.lexsort((-value_of, row_of))
+    starts = np.searchsorted(row_of[order], np.arange(num_rows))
+    taken = order[(starts[:, None] + np.arange(count)).ravel()]
+    return column_of[taken].reshape(num_rows, count), value_of[taken].reshape(num_rows, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +286,80 @@ def ssdim_objective(
 Weights = tuple[float, float, float]  # (alpha, beta, gamma)
 
 
-class _GreedyState:
-    """What exact marginal gains of ``F`` need, updated in ``O(M |S|)`` per added image.
+class _ExactCoverage:
+    """Coverage over every row: ``best_i = max_{j in S} K_ij``, starting from the floor ``-1``
+    (the smallest cosine). That leaves ``F`` unchanged for any non-empty ``S`` and makes the
+    coverage gain of ``j`` simply ``sum_i max(K_ij - best_i, 0)``, ``O(M)`` per candidate."""
 
-    Coverage keeps ``best_i = max_{j in S} K_ij``, starting from the floor ``-1`` (the smallest
-    cosine). That leaves ``F`` unchanged for any non-empty ``S`` and makes the coverage gain of
-    ``j`` simply ``sum_i max(K_ij - best_i, 0)``.
+    def __init__(self, kernel: _Kernel):
+        self.kernel = kernel
+        self.best = np.full(kernel.size, -1.0, dtype=np.float32)
+
+    def gains(self, candidates: np.ndarray) -> np.ndarray:
+        return self.kernel.coverage_gains(candidates, self.best)
+
+    def all_gains(self) -> np.ndarray:
+        """Gains of every image, ``_row_block`` kernel rows at a time (bounded temporaries)."""
+        step = _row_block(self.kernel.size, most=128)
+        return np.concatenate([self.gains(np.arange(start, min(start + step, self.kernel.size)))
+                               for start in range(0, self.kernel.size, step)])
+
+    def add(self, index: int, row: np.ndarray) -> None:
+        np.maximum(self.best, row, out=self.best)
+
+
+class _NeighbourCoverage:
+    """Coverage gains restricted to the kNN graph, over the exact current coverage.
+
+    ``N(i)`` holds the ``n`` images most similar to ``i`` (``i`` itself included). The coverage
+    state is exact, ``best_i = max_{j in S} K_ij`` over every row (floor ``-1``, as in
+    ``_ExactCoverage``): the greedy computes each selected image's full kernel row anyway, for
+    the Cholesky update. Only the gains are approximated: the gain of ``j`` counts the rows that
+    have ``j`` among their neighbours, ``sum_{i : j in N(i)} max(K_ij - best_i, 0)``, and drops
+    the rows farther away (their terms are ``>= 0``, so this is a lower bound on the exact gain,
+    and equal to it when ``n = M``). Those dropped terms are small once a row is covered by
+    something near; they matter for rows no selected image is near, whose ``best_i`` is then
+    the exact (low) similarity to the nearest selected image, not a guess. The gains shrink as
+    ``S`` grows, as exact coverage gains do.
+
+    Gains are kept current: adding ``j`` raises ``best_i`` on some rows, and only their
+    neighbours' gains change, ``O(n)`` per raised row. Memory is ``O(M n)``; nothing is
+    ``M x M``.
+    """
+
+    def __init__(self, neighbours: np.ndarray, similarities: np.ndarray):
+        self.neighbours, self.similarities = neighbours, similarities.astype(np.float64)
+        self.best = np.full(neighbours.shape[0], -1.0, dtype=np.float32)
+        self.gain = np.bincount(
+            neighbours.ravel(), (self.similarities + 1.0).ravel(), minlength=neighbours.shape[0]
+        )
+
+    def gains(self, candidates: np.ndarray) -> np.ndarray:
+        return self.gain[candidates]
+
+    def all_gains(self) -> np.ndarray:
+        return self.gain.copy()
+
+    def add(self, index: int, row: np.ndarray) -> None:
+        raised = np.flatnonzero(row > self.best)
+        old, new = self.best[raised].astype(np.float64), row[raised].astype(np.float64)
+        similarities = self.similarities[raised]
+        change = (np.maximum(similarities - new[:, None], 0.0)
+                  - np.maximum(similarities - old[:, None], 0.0))
+        self.gain += np.bincount(
+            self.neighbours[raised].ravel(), change.ravel(), minlength=self.gain.size
+        )
+        self.best[raised] = row[raised]
+
+
+Coverage = _ExactCoverage | _NeighbourCoverage
+
+
+class _GreedyState:
+    """What exact marginal gains of ``F`` (or of its kNN surrogate) need, updated in
+    ``O(M |S|)`` per added image.
+
+    Coverage gains come from ``coverage`` (``_ExactCoverage`` or ``_NeighbourCoverage``).
 
     Log-det gains come from an incremental Cholesky factor of ``K_SS + eps I`` extended to all
     rows (Chen, Zhang & Zhou, "Fast Greedy MAP Inference for Determinantal Point Process to
@@ -201,25 +367,16 @@ class _GreedyState:
     ``(K[j_t] - factor[:t]^T factor[:t, j_t]) / sqrt(schur[j_t])`` and
     ``schur_i = 1 + eps - ||factor[:, i]||^2`` is the Schur complement of ``i`` given ``S``, so
     the log-det gain ``log(schur_i)`` of every candidate is known after each step, with no
-    inverse or determinant per candidate.
+    inverse or determinant per candidate. Only the selected images' kernel rows are computed.
     """
 
-    def __init__(self, kernel: _Kernel, k: int, eps: float):
+    def __init__(self, kernel: _Kernel, k: int, eps: float, coverage: Coverage | None = None):
         self.kernel = kernel
-        self.best = np.full(kernel.size, -1.0, dtype=np.float32)
+        self.coverage = _ExactCoverage(kernel) if coverage is None else coverage
         self.factor = np.zeros((k, kernel.size))
         self.schur = np.full(kernel.size, 1.0 + eps)
         self.is_selected = np.zeros(kernel.size, dtype=bool)
         self.order: list[int] = []
-
-    def coverage_gains(self, candidates: np.ndarray) -> np.ndarray:
-        # sum_i max(K_ij, best_i) - sum_i best_i, each sum accumulated in float64 so the
-        # difference keeps its precision. One row per candidate, reduced along the row: a
-        # candidate's gain does not depend on which others are evaluated with it, so lazy and
-        # plain greedy see bit-identical gains.
-        rows = self.kernel.rows(candidates)
-        np.maximum(rows, self.best, out=rows)
-        return rows.sum(axis=1, dtype=np.float64) - self.best.sum(dtype=np.float64)
 
     def logdet_gains(self) -> np.ndarray:
         # Rounding can push the Schur complement of an already-selected row to <= 0.
@@ -232,17 +389,9 @@ class _GreedyState:
         direction /= math.sqrt(self.schur[index])
         self.factor[step] = direction
         self.schur -= direction**2
-        np.maximum(self.best, row, out=self.best)
+        self.coverage.add(index, row)
         self.is_selected[index] = True
         self.order.append(index)
-
-
-def _all_coverage_gains(state: _GreedyState, block: int = 128) -> np.ndarray:
-    """Coverage gains of every image, ``block`` kernel rows at a time (bounded temporaries)."""
-    return np.concatenate(
-        [state.coverage_gains(np.arange(start, min(start + block, state.kernel.size)))
-         for start in range(0, state.kernel.size, block)]
-    )
 
 
 def _first_coverage_bounds(unit_embeddings: np.ndarray) -> np.ndarray:
@@ -259,16 +408,24 @@ def _first_coverage_bounds(unit_embeddings: np.ndarray) -> np.ndarray:
 
 
 def _plain_greedy(
-    kernel: _Kernel, k: int, weights: Weights, energy: np.ndarray, eps: float
-) -> np.ndarray:
-    """Textbook greedy: every step evaluates the exact gain of every remaining image."""
+    kernel: _Kernel, k: int, weights: Weights, energy: np.ndarray, eps: float,
+    coverage: Coverage | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Textbook greedy: every step evaluates the gain of every remaining image.
+
+    With exact coverage (default) that is ``O(k M^2)``, the reference; with
+    ``_NeighbourCoverage`` all gains are kept current, so a step is ``O(M k)``. Returns the
+    selection order and the gains of the unselected images at the last step (upper bounds on
+    their current gains, by submodularity; ``-inf`` for the selected).
+    """
     alpha, beta, gamma = weights
-    state = _GreedyState(kernel, k, eps)
+    state = _GreedyState(kernel, k, eps, coverage)
     for _ in range(k):
-        gains = alpha * _all_coverage_gains(state) + beta * state.logdet_gains() + gamma * energy
+        gains = alpha * state.coverage.all_gains() + beta * state.logdet_gains() + gamma * energy
         gains[state.is_selected] = -np.inf
         state.add(int(np.argmax(gains)))
-    return np.array(state.order, dtype=np.int64)
+    gains[state.order[-1]] = -np.inf
+    return np.array(state.order, dtype=np.int64), gains
 
 
 def _lazy_greedy(
@@ -306,7 +463,7 @@ def _lazy_greedy(
             count = min(batch, kernel.size - len(state.order))
             to_refresh = np.argpartition(stale_bound, -count)[-count:]
             to_refresh = to_refresh[np.isfinite(stale_bound[to_refresh])]
-            coverage_bound[to_refresh] = state.coverage_gains(to_refresh)
+            coverage_bound[to_refresh] = state.coverage.gains(to_refresh)
             exact_gain = alpha * coverage_bound[to_refresh] + fixed_gain[to_refresh]
             stale_bound[to_refresh] = -np.inf
             top = int(np.argmax(exact_gain))
@@ -443,7 +600,6 @@ def _swap_passes(
     eps: float,
     min_gain: float,
     max_passes: int = 50,
-    block: int = 256,
     recheck: int = 16,
 ) -> np.ndarray:
     """1-swap local search of ``selection`` against ``pool``, pass after pass while F improves.
@@ -457,6 +613,7 @@ def _swap_passes(
     position in the selection order.
     """
     state = _SwapState(kernel, selection, weights, energy, eps)
+    block = _row_block(kernel.size)
     for pass_number in range(max_passes):
         if pass_number:
             state.recompute()  # drop the rounding the in-place swaps accumulated
@@ -551,6 +708,12 @@ def _frank_wolfe(
 SSDIM_SOLVERS: tuple[str, ...] = ("fw", "greedy")
 
 
+COVERAGES: tuple[str, ...] = ("exact", "knn")
+# From this many images on, ``ssdim`` defaults to kNN coverage: a dense float32 kernel would
+# take 1.6 GB and exact greedy rows O(M^2 d) time (131 s at M=20000, d=512, k=160).
+KNN_FROM_IMAGES = 20_000
+
+
 def _three_stage(
     kernel: _Kernel,
     projections: np.ndarray,
@@ -559,6 +722,7 @@ def _three_stage(
     weights: Weights,
     eps: float,
     seed: int,
+    coverage: _NeighbourCoverage | None = None,
 ) -> np.ndarray:
     """Frank-Wolfe relaxation, spectral regularisation, greedy refinement (paper Sec. 3.1).
 
@@ -575,12 +739,21 @@ def _three_stage(
     (k=160; M=963, 1300, 5000) this pool finds 74-76% of the gain that swaps against all ``M``
     images find, in a fifth (M ~ 1000) to a thirteenth (M=5000) of the time; that gain is
     itself 0.1-0.7% of F.
+
+    With ``coverage`` (the kNN surrogate) the greedy of step 3 is plain greedy on the surrogate
+    (all its gains are current, ``O(M k)`` a step); the swap passes still score the exact
+    objective, with kernel rows computed on demand (``O(M d)`` per candidate, never ``M x M``),
+    so they repair part of what the surrogate misses. The guarantee against exact plain greedy
+    then no longer holds by construction.
     """
     alpha, beta, gamma = weights
     fractional = _frank_wolfe(
         kernel, projections, energy, k, weights, eps, np.random.default_rng(seed)
     )
-    greedy_order, gain_bound = _lazy_greedy(kernel, k, weights, energy, eps)
+    if coverage is None:
+        greedy_order, gain_bound = _lazy_greedy(kernel, k, weights, energy, eps)
+    else:
+        greedy_order, gain_bound = _plain_greedy(kernel, k, weights, energy, eps, coverage)
     near_misses = max(1, min(k // 2, kernel.size - k))
     pool = np.union1d(
         np.argpartition(-fractional, k - 1)[:k],
@@ -593,7 +766,7 @@ def _three_stage(
 
 
 def ssdim(
-    embeddings: np.ndarray,
+    embeddings: Any,
     k: int,
     *,
     alpha: float = 1.0,
@@ -604,37 +777,68 @@ def ssdim(
     seed: int = 0,
     solver: str = "fw",
     dense_kernel: bool | None = None,
+    coverage: str | None = None,
+    neighbours: int = 48,
+    device: str | None = None,
 ) -> np.ndarray:
     """Select ``k`` images maximising the SSDIM objective; indices in selection order.
 
     Solvers, by name:
 
-    - ``"fw"`` (default): the three-stage solver (``_three_stage``); its ``F`` is never below
-      plain greedy's.
-    - ``"greedy"``: plain greedy, the exact gain of every image at every step (``O(k M^2)``);
-      kept as the reference.
+    - ``"fw"`` (default): the three-stage solver (``_three_stage``); with exact coverage its
+      ``F`` is never below plain greedy's.
+    - ``"greedy"``: plain greedy, the gain of every image at every step (``O(k M^2)`` with
+      exact coverage); kept as the reference.
 
-    ``dense_kernel``: hold ``K`` as one float32 ``M x M`` matrix (default when ``M < 20000``), or
-    compute kernel rows from ``E`` on demand (same values, ``O(M d)`` memory) for larger pools.
+    ``coverage``: ``"exact"`` (default below ``KNN_FROM_IMAGES`` = 20000 images) uses every
+    ``K_ij``; ``"knn"`` (default from 20000 on) builds the exact ``neighbours``-nearest-neighbour
+    graph of the rows (blockwise, ``O(M^2 d)`` time, ``O(M n)`` memory) and lets the greedy
+    maximise the surrogate of ``_NeighbourCoverage`` (uncovered rows count at their ``n``-th
+    neighbour's similarity) instead; no ``M x M`` array is formed, and the swap passes still
+    score the exact ``F``. ``neighbours`` (``n``, default 48, clamped to ``M``): more
+    neighbours make the surrogate closer to exact coverage and the graph slower to build.
+
+    ``dense_kernel`` (exact coverage only): hold ``K`` as one float32 ``M x M`` matrix (default
+    below 20000 images), or compute kernel rows from ``E`` on demand (same values, ``O(M d)``
+    memory). kNN coverage always computes rows on demand.
+
+    ``device``: None computes with numpy/BLAS on the CPU; a torch device (``"cuda"``, ``"cpu"``)
+    runs the kernel rows, coverage-gain reductions and neighbour search with torch there (see
+    ``_Kernel``); the rest is the same numpy code. ``embeddings`` may be a numpy array or a
+    torch tensor (on any device).
+
     ``seed`` draws the relaxation's coverage anchors; the same seed gives the same selection.
     """
     if solver not in SSDIM_SOLVERS:
         raise ValueError(f"unknown SSDIM solver {solver!r}; choose one of {SSDIM_SOLVERS}")
+    if coverage not in (None, *COVERAGES):
+        raise ValueError(f"unknown coverage {coverage!r}; choose one of {COVERAGES} or None")
+    if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or (
+            neighbours <= 0):
+        raise ValueError(f"neighbours must be a positive integer, got {neighbours!r}")
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}")
     if min(alpha, beta, gamma) < 0:
         # Negative weights break submodularity, which the lazy bounds rely on.
         raise ValueError(f"alpha, beta, gamma must be >= 0, got {alpha}, {beta}, {gamma}")
     unit = normalise_embeddings(embeddings)
-    k = _check_k(k, unit.shape[0])
+    num_images = unit.shape[0]
+    k = _check_k(k, num_images)
+    if coverage is None:
+        coverage = "knn" if num_images >= KNN_FROM_IMAGES else "exact"
+    if coverage == "knn" and dense_kernel:
+        raise ValueError("kNN coverage never forms the dense kernel; leave dense_kernel unset")
     if dense_kernel is None:
-        dense_kernel = unit.shape[0] < 20_000
-    kernel = _Kernel(unit, dense=dense_kernel)
+        dense_kernel = coverage == "exact" and num_images < KNN_FROM_IMAGES
+    kernel = _Kernel(unit, dense=dense_kernel, device=device)
     energy, projections = _spectrum(unit, rank)
     weights = (float(alpha), float(beta), float(gamma))
+    surrogate = None
+    if coverage == "knn":
+        surrogate = _NeighbourCoverage(*kernel.neighbours(min(int(neighbours), num_images)))
     if solver == "greedy":
-        return _plain_greedy(kernel, k, weights, energy, eps)
-    return _three_stage(kernel, projections, energy, k, weights, eps, seed)
+        return _plain_greedy(kernel, k, weights, energy, eps, surrogate)[0]
+    return _three_stage(kernel, projections, energy, k, weights, eps, seed, surrogate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -908,8 +1112,6 @@ def partition_into_grids(
 
 
 # -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------
-from typing import Any  # noqa: E402
-
 import pandas as pd  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402

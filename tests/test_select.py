@@ -63,7 +63,7 @@ def test_lazy_greedy_picks_what_plain_greedy_picks(seed):
     kernel = selection._Kernel(unit, dense=True)
     energy, _ = selection._spectrum(unit, 32)
     weights = tuple(WEIGHTS.values())
-    plain = selection._plain_greedy(kernel, 40, weights, energy, 1e-3)
+    plain, _ = selection._plain_greedy(kernel, 40, weights, energy, 1e-3)
     lazy, _ = selection._lazy_greedy(kernel, 40, weights, energy, 1e-3)
     np.testing.assert_array_equal(lazy, plain)
 
@@ -74,7 +74,7 @@ def test_first_coverage_bounds_bound_the_gains_greedy_computes():
     embeddings[100:] = -embeddings[:100]
     unit = selection.normalise_embeddings(embeddings)
     state = selection._GreedyState(selection._Kernel(unit, dense=True), 5, 1e-3)
-    gains = selection._all_coverage_gains(state)
+    gains = state.coverage.all_gains()
     bounds = selection._first_coverage_bounds(unit)
     assert np.all(bounds >= gains)
     np.testing.assert_allclose(bounds, gains, atol=1e-2)
