@@ -36,6 +36,7 @@ from gridistill.models import (
     load_invsr_noise_predictor,
     load_sd_turbo,
 )
+from gridistill.resources import BatchLimit, run_in_batches
 
 logger = logging.getLogger(__name__)
 
@@ -279,11 +280,11 @@ def _sd_turbo(grids: torch.Tensor, *, scale: int, prompts: list[str],
     embeds = encode_prompts(unique_prompts, components).to(dtype)
     embed_index = torch.tensor([unique_prompts.index(p) for p in prompts])
 
-    grids_per_chunk = max(1, batch_size // len(weight_maps))
-    output = torch.empty(count, 3, height * scale, width * scale)
-    bar = tqdm(total=count, desc="sd-turbo enhance", unit="grid", disable=not progress)
-    for first in range(0, count, grids_per_chunk):
-        chunk = range(first, min(count, first + grids_per_chunk))
+    # Out of memory halves the tiles per forward pass for the rest of the call; every tile's
+    # noise is a crop of its grid's draw, so the output does not depend on the batch size.
+    limit = BatchLimit(batch_size)
+
+    def enhance_chunk(chunk: range) -> torch.Tensor:
         low_res = grids[chunk.start:chunk.stop].to(device=device, dtype=torch.float32)
         if pad_h or pad_w:
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
@@ -292,15 +293,12 @@ def _sd_turbo(grids: torch.Tensor, *, scale: int, prompts: list[str],
         # Per grid, in this order: VAE posterior draw, then diffusion noise (the img2img order).
         draws = [torch.randn((2, *latent_shape), generator=grid_generator(seed, i)) for i in chunk]
         standard_normal = torch.stack(draws).to(device=device, dtype=dtype)
-        accumulated = torch.zeros(len(chunk), 3, padded_h, padded_w, device=device)
-        # Work items: (grid within chunk, row, col, blend weight), batched across grids.
-        work = [(g, r, c, w) for g in range(len(chunk)) for r, c, w in weight_maps]
-        for start in range(0, len(work), batch_size):
-            batch = work[start:start + batch_size]
+
+        def enhance_tiles(batch: Sequence[tuple[int, int, int, torch.Tensor]]) -> torch.Tensor:
             boxes = [(g, r, c) for g, r, c, _ in batch]
-            enhanced = invert_one_step(
+            return invert_one_step(
                 _crop(upsampled, boxes, tile_h, tile_w, 1).to(dtype),
-                embeds[embed_index[[first + g for g, _, _ in boxes]].to(device)],
+                embeds[embed_index[[chunk.start + g for g, _, _ in boxes]].to(device)],
                 components, timestep=timestep,
                 posterior_eps=_crop(standard_normal[:, 0], boxes, tile_h, tile_w, vae_factor),
                 noise_eps=_crop(standard_normal[:, 1], boxes, tile_h, tile_w, vae_factor),
@@ -308,12 +306,25 @@ def _sd_turbo(grids: torch.Tensor, *, scale: int, prompts: list[str],
                          if noise_predictor is not None else None),
                 noise_predictor=noise_predictor,
             ).float()
-            for tile_image, (g, r, c, w) in zip(enhanced, batch, strict=True):
-                accumulated[g, :, r:r + tile_h, c:c + tile_w] += tile_image * w
+
+        # Work items: (grid within chunk, row, col, blend weight), batched across grids. They
+        # are blended only once all have run: a batch that runs out of memory is run again, so
+        # it must not have added anything before it returns.
+        work = [(g, r, c, w) for g in range(len(chunk)) for r, c, w in weight_maps]
+        tiles = torch.cat(run_in_batches(enhance_tiles, work, limit, what="sd-turbo enhance"))
+        accumulated = torch.zeros(len(chunk), 3, padded_h, padded_w, device=device)
+        for tile_image, (g, r, c, w) in zip(tiles, work, strict=True):
+            accumulated[g, :, r:r + tile_h, c:c + tile_w] += tile_image * w
         stitched = (accumulated / weight_sum)[..., :height * scale, :width * scale]
         reference = upsampled[..., :height * scale, :width * scale]
-        output[chunk.start:chunk.stop] = _apply_colour_fix(stitched, reference,
-                                                           colour_fix).clamp(0, 1).cpu()
+        return _apply_colour_fix(stitched, reference, colour_fix).clamp(0, 1).cpu()
+
+    grids_per_chunk = max(1, batch_size // len(weight_maps))
+    output = torch.empty(count, 3, height * scale, width * scale)
+    bar = tqdm(total=count, desc="sd-turbo enhance", unit="grid", disable=not progress)
+    for first in range(0, count, grids_per_chunk):
+        chunk = range(first, min(count, first + grids_per_chunk))
+        output[chunk.start:chunk.stop] = enhance_chunk(chunk)
         bar.update(len(chunk))
     bar.close()
     return output

@@ -42,6 +42,8 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from gridistill.resources import run_in_batches
+
 if TYPE_CHECKING:
     from gridistill.models import DiTBundle
 
@@ -206,7 +208,8 @@ def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components
         cfg_scale: classifier-free guidance scale (1 disables CFG).
         seed: seeds one CPU generator that draws every image's noise up front, so the result
             does not depend on ``batch_size`` or the device's RNG.
-        batch_size: images per forward (the CFG doubles the transformer batch).
+        batch_size: images per forward (the CFG doubles the transformer batch). A batch that
+            runs out of memory is retried in halves, and the smaller size is kept.
     """
     check_diver_parameters(num_steps=num_steps, t_f=t_f, t_r=t_r, t_h=t_h, t_l=t_l,
                            cfg_scale=cfg_scale)
@@ -220,10 +223,10 @@ def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components
                     components.transformer.config.sample_size,
                     components.transformer.config.sample_size)
     all_noise = randn_tensor(latent_shape, generator=torch.Generator().manual_seed(seed))
-    refined = []
-    for start in tqdm(range(0, len(images), batch_size), disable=not progress,
-                      desc="DIVER refine", unit="batch"):
-        batch = slice(start, start + batch_size)
+    bar = tqdm(total=len(images), disable=not progress, desc="DIVER refine", unit="img")
+
+    def refine_batch(rows: range) -> torch.Tensor:
+        batch = slice(rows.start, rows.stop)
         pixels = resize_images(images[batch].to(device=device, dtype=torch.float32),
                                (size, size))
         clean_latents = encode_images(pixels, components.vae)
@@ -232,8 +235,13 @@ def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components
             components, all_noise[batch].to(device), t_f=t_f, t_r=t_r, num_steps=num_steps,
             t_h=t_h, t_l=t_l, gamma=gamma, cfg_scale=cfg_scale)
         decoded = decode_latents(latents, components.vae)
-        refined.append(resize_images(decoded, tuple(images.shape[-2:])).cpu())
-    return torch.cat(refined)
+        refined = resize_images(decoded, tuple(images.shape[-2:])).cpu()
+        bar.update(len(rows))
+        return refined
+
+    with bar:
+        return torch.cat(run_in_batches(refine_batch, range(len(images)), batch_size,
+                                        what="DIVER refine"))
 
 
 # -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------

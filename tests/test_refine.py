@@ -263,3 +263,33 @@ def test_cli_missing_weights_stop_before_any_work(tmp_path, capsys,
     assert run_refine(args) == 2
     assert "Missing pretrained weights for DiT" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_out_of_memory_halves_the_batch_with_the_same_result(components: DiTBundle,
+                                                             distilled_images: torch.Tensor,
+                                                             monkeypatch, caplog) -> None:
+    """A fake device that fits one image (two transformer rows with CFG): the run halves
+    3 -> 1 and gives the batch-size-1 result exactly (every image's noise is drawn up front)."""
+    import logging
+
+    def run(batch_size: int) -> torch.Tensor:
+        return refine.diver_refine(distilled_images, LABELS, components, num_steps=10, t_f=4,
+                                   t_h=3, t_l=2, seed=0, batch_size=batch_size, progress=False)
+
+    at_three, at_one = run(3), run(1)
+    original, sizes = components.transformer.forward, []
+
+    def small_device(hidden_states, *args, **kwargs):
+        sizes.append(len(hidden_states))
+        if len(hidden_states) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return original(hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(components.transformer, "forward", small_device)
+    with caplog.at_level(logging.WARNING, logger="gridistill.resources"):
+        halved = run(3)
+    assert torch.equal(halved, at_one)
+    torch.testing.assert_close(halved, at_three, atol=1e-5, rtol=1e-5)
+    assert sizes[0] == 6 and set(sizes[1:]) == {2}  # 3 images, then 1 (CFG doubles rows)
+    assert ["DIVER refine: out of memory at batch size 3" in r.getMessage()
+            for r in caplog.records if r.name == "gridistill.resources"] == [True]
