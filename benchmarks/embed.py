@@ -8,16 +8,19 @@ Models are open_clip image towers with random weights built from config (random 
 the same arithmetic as trained ones): ``tiny`` is a 2-layer, 64-wide ViT/32 registered with
 ``open_clip.add_model_config``; ``ViT-B-32`` is the real architecture (87.8 M vision params).
 
-- **decode**: read + decode + open_clip's eval preprocessing (resize 224 bicubic, centre crop,
-  normalise) in ``--workers`` DataLoader worker processes (0: in this process). On CUDA also
+- **decode**: read + sha256 + decode + open_clip's eval preprocessing (resize 224 bicubic,
+  centre crop, normalise) in ``--workers`` DataLoader worker processes (0: in this process),
+  through the embed stage's own Dataset and loader (``tasks.embed.ImageFiles``). On CUDA also
   ``torchvision.io.decode_jpeg`` on the GPU (nvJPEG, batched) with resize/crop on the GPU.
 - **model**: a preprocessed batch already on the device through ``encode_image``, repeated.
 - **end to end**: files -> DataLoader -> device -> ``encode_image`` -> L2-normalised float16
   embeddings on the host, i.e. what the embed stage has to produce.
 
-Everything runs under ``torch.inference_mode``; on CUDA the model runs in ``--dtype``
-(bfloat16 by default, float16 possible) autocast with channels_last inputs and weights,
-pinned host memory and non-blocking copies. Seconds are wall clock after one warm-up batch.
+Everything runs the embed stage's functions (``tasks.embed``: ``prepare_model``,
+``clip_features``, ``image_loader``) under ``torch.inference_mode``; on CUDA the model runs in
+``--dtype`` (bfloat16 by default, float16 possible) autocast with channels_last inputs and
+weights, pinned host memory and non-blocking copies. Seconds are wall clock after one warm-up
+batch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from tasks.embed import (  # noqa: E402
+    ImageFiles,
+    Transform,
+    clip_features,
+    image_loader,
+    prepare_model,
+    to_device,
+)
 
 DEFAULT_DATA = "/work/shared/data/imagenette/public/train"
 TINY_NAME = "gridistill-tiny-vit"
@@ -51,7 +61,6 @@ TINY_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
                  "layers": 1},
 }
-Preprocess = Callable[[Image.Image], torch.Tensor]
 
 
 def register_tiny_config() -> None:
@@ -72,25 +81,10 @@ def list_jpegs(root: str, count: int) -> list[str]:
     return paths[:count]
 
 
-class JpegFiles(Dataset):
-    """Decoded, preprocessed images (C, H, W float32) from file paths."""
-
-    def __init__(self, paths: list[str], preprocess: Preprocess) -> None:
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            return self.preprocess(image.convert("RGB"))
-
-
-def loader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: int,
-           pin: bool) -> DataLoader:
-    return DataLoader(JpegFiles(paths, preprocess), batch_size=batch_size, num_workers=workers,
-                      pin_memory=pin, persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+def loader(paths: list[str], preprocess: Transform, batch_size: int, workers: int,
+           device: torch.device) -> DataLoader:
+    return image_loader(ImageFiles(paths, preprocess), batch_size=batch_size,
+                        num_workers=workers, pin_memory=device.type == "cuda")
 
 
 def synchronize(device: torch.device) -> None:
@@ -98,32 +92,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
-
-
-def build_model(name: str, device: torch.device, channels_last: bool
-                ) -> tuple[torch.nn.Module, Preprocess]:
+def build_model(name: str, device: torch.device) -> tuple[torch.nn.Module, Transform]:
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-    model = model.eval().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, preprocess
-
-
-def to_device(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    batch = batch.to(device, non_blocking=True)
-    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+    return prepare_model(model, device), preprocess
 
 
 def embed_batch(model: torch.nn.Module, batch: torch.Tensor, device: torch.device,
                 dtype: torch.dtype) -> torch.Tensor:
     """L2-normalised float16 embeddings of one preprocessed batch (still on the device)."""
-    with autocast(device, dtype):
-        features = model.encode_image(batch)
-    return torch.nn.functional.normalize(features.float(), dim=-1).half()
+    return clip_features(model, batch, device, dtype).half()
 
 
 def timed(fn: Callable[[], int], device: torch.device) -> float:
@@ -135,13 +112,13 @@ def timed(fn: Callable[[], int], device: torch.device) -> float:
     return images / (time.perf_counter() - started)
 
 
-def decode_rate(paths: list[str], preprocess: Preprocess, batch_size: int, workers: int,
+def decode_rate(paths: list[str], preprocess: Transform, batch_size: int, workers: int,
                 device: torch.device) -> float:
     def run() -> int:
         count = 0
-        for batch in loader(paths, preprocess, batch_size, workers, device.type == "cuda"):
-            batch = batch.to(device, non_blocking=True)
-            count += len(batch)
+        for batch in loader(paths, preprocess, batch_size, workers, device):
+            pixels = batch.pixels.to(device, non_blocking=True)
+            count += len(pixels)
         return count
 
     return timed(run, device)
@@ -181,14 +158,14 @@ def model_rate(model: torch.nn.Module, batch: torch.Tensor, device: torch.device
     return timed(run, device)
 
 
-def end_to_end_rate(model: torch.nn.Module, paths: list[str], preprocess: Preprocess,
+def end_to_end_rate(model: torch.nn.Module, paths: list[str], preprocess: Transform,
                     batch_size: int, workers: int, device: torch.device, dtype: torch.dtype,
-                    channels_last: bool) -> tuple[float, np.ndarray]:
+                    ) -> tuple[float, np.ndarray]:
     embeddings: list[np.ndarray] = []
 
     def run() -> int:
-        for batch in loader(paths, preprocess, batch_size, workers, device.type == "cuda"):
-            vectors = embed_batch(model, to_device(batch, device, channels_last), device, dtype)
+        for batch in loader(paths, preprocess, batch_size, workers, device):
+            vectors = embed_batch(model, batch.pixels, device, dtype)
             embeddings.append(vectors.cpu().numpy())
         return sum(len(e) for e in embeddings)
 
@@ -198,8 +175,7 @@ def end_to_end_rate(model: torch.nn.Module, paths: list[str], preprocess: Prepro
 
 def measure(name: str, paths: list[str], args: argparse.Namespace, device: torch.device,
             dtype: torch.dtype) -> list[dict[str, Any]]:
-    channels_last = device.type == "cuda"
-    model, preprocess = build_model(name, device, channels_last)
+    model, preprocess = build_model(name, device)
     params = sum(p.numel() for p in model.visual.parameters()) / 1e6
     setting = dict(model=f"{name} ({params:.1f} M)", batch=args.batch_size, workers=args.workers,
                    dtype=str(dtype).removeprefix("torch.") if device.type == "cuda" else "float32")
@@ -210,14 +186,14 @@ def measure(name: str, paths: list[str], args: argparse.Namespace, device: torch
         rows.append(setting | {"measure": "decode on GPU (nvJPEG) + GPU resize",
                                "images/s": gpu_decode_rate(paths, args.batch_size, device)})
     with torch.inference_mode():
-        batch = torch.stack([JpegFiles(paths, preprocess)[i]
-                             for i in range(min(args.batch_size, len(paths)))])
-        batch = to_device(batch, device, channels_last)
+        files = ImageFiles(paths, preprocess)
+        batch = to_device(torch.stack([files[i][1] for i in range(min(args.batch_size,
+                                                                      len(paths)))]), device)
         rows.append(setting | {"measure": "model alone (encode_image)",
                                "images/s": model_rate(model, batch, device, dtype,
                                                       args.model_repeats)})
         rate, vectors = end_to_end_rate(model, paths, preprocess, args.batch_size, args.workers,
-                                        device, dtype, channels_last)
+                                        device, dtype)
     norms = np.linalg.norm(vectors.astype(np.float32), axis=1)
     if vectors.shape[0] != len(paths) or not np.allclose(norms, 1.0, atol=1e-2):
         raise AssertionError(f"{name}: {vectors.shape} embeddings, norms {norms.min()}-"
