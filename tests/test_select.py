@@ -279,3 +279,136 @@ def test_fewer_images_than_one_grid_warns_and_still_fills():
     with pytest.warns(UserWarning, match="every grid holds duplicates"):
         (grid,) = selection.partition_into_grids(embeddings, filled, 1, 9)
     assert grid.size == 9 and set(grid.tolist()) == set(range(5))
+
+
+# --- kNN coverage for large pools ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 5, 64])
+def test_top_columns_are_the_exact_top_entries_of_each_row(count):
+    rng = np.random.default_rng(count)
+    rows = rng.standard_normal((30, 700)).astype(np.float32)
+    rows[:, 100:110] = rows[:, :1]  # ties
+    indices, values = selection._top_columns(rows, count)
+    expected = -np.sort(-rows, axis=1)[:, :count]
+    np.testing.assert_array_equal(values, expected)
+    np.testing.assert_array_equal(np.take_along_axis(rows, indices, axis=1), values)
+    assert all(np.unique(row).size == count for row in indices)
+
+
+def test_neighbour_coverage_with_every_neighbour_is_exact_coverage():
+    unit = selection.normalise_embeddings(clustered(150, 12, clusters=5, seed=4))
+    kernel = selection._Kernel(unit, dense=False)
+    exact = selection._GreedyState(kernel, 6, 1e-3)
+    knn = selection._GreedyState(
+        kernel, 6, 1e-3, selection._NeighbourCoverage(*kernel.neighbours(150))
+    )
+    for index in (3, 77, 140, 12, 5):
+        np.testing.assert_allclose(knn.coverage.all_gains(), exact.coverage.all_gains(),
+                                   atol=1e-9)
+        exact.add(index)
+        knn.add(index)
+    embeddings = clustered(150, 12, clusters=5, seed=4)
+    np.testing.assert_array_equal(
+        selection.ssdim(embeddings, 15, solver="greedy", coverage="knn", neighbours=150),
+        selection.ssdim(embeddings, 15, solver="greedy", coverage="exact"),
+    )
+
+
+def test_neighbour_gains_are_lower_bounds_of_the_exact_gains():
+    unit = selection.normalise_embeddings(clustered(300, 16, clusters=8, seed=5))
+    kernel = selection._Kernel(unit, dense=True)
+    exact = selection._GreedyState(kernel, 10, 1e-3)
+    knn = selection._GreedyState(
+        kernel, 10, 1e-3, selection._NeighbourCoverage(*kernel.neighbours(20))
+    )
+    for index in range(0, 300, 30):
+        assert np.all(knn.coverage.all_gains() <= exact.coverage.all_gains() + 1e-9)
+        exact.add(index)
+        knn.add(index)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_knn_selection_is_close_to_the_exact_solver(seed):
+    embeddings = clustered(800, 32, clusters=25, seed=seed, spread=0.5 + 0.1 * seed)
+    exact = selection.ssdim_objective(embeddings, selection.ssdim(embeddings, 60))
+    knn = selection.ssdim_objective(
+        embeddings, selection.ssdim(embeddings, 60, coverage="knn", neighbours=32)
+    )
+    facility = selection.ssdim_objective(embeddings, selection.select("facility", embeddings, 60))
+    assert knn >= exact - 2e-3 * abs(exact)
+    assert knn >= facility
+
+
+def test_knn_path_allocates_nothing_of_size_m_squared():
+    import tracemalloc
+
+    num_images = 6000
+    embeddings = clustered(num_images, 24, clusters=80, seed=6).astype(np.float32)
+    tracemalloc.start()
+    try:
+        pick = selection.ssdim(embeddings, 40, coverage="knn", neighbours=16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.unique(pick).size == 40
+    assert peak < num_images * num_images * 4 / 4  # a dense float32 kernel would be 144 MB
+
+
+def test_coverage_defaults_to_knn_for_large_pools(monkeypatch):
+    chosen = []
+    original = selection._NeighbourCoverage.__init__
+
+    def spy(self, neighbours, similarities):
+        chosen.append(neighbours.shape)
+        original(self, neighbours, similarities)
+
+    monkeypatch.setattr(selection._NeighbourCoverage, "__init__", spy)
+    monkeypatch.setattr(selection, "KNN_FROM_IMAGES", 100)
+    embeddings = clustered(120, 8, clusters=4, seed=7)
+    selection.ssdim(embeddings, 10, neighbours=7)
+    assert chosen == [(120, 7)]
+    selection.ssdim(clustered(99, 8, clusters=4, seed=7), 10)
+    assert chosen == [(120, 7)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"neighbours": 0}, {"neighbours": -3}, {"neighbours": 2.5}, {"neighbours": True},
+     {"coverage": "sparse"}, {"coverage": "knn", "dense_kernel": True}],
+)
+def test_bad_coverage_options_raise_value_error(options):
+    with pytest.raises(ValueError):
+        selection.ssdim(clustered(50, 8, clusters=3, seed=0), 5, **options)
+
+
+# --- torch backend --------------------------------------------------------------------------------
+
+
+def _same_objective_on(device: str) -> None:
+    torch = pytest.importorskip("torch")
+    embeddings = clustered(500, 24, clusters=12, seed=8).astype(np.float32)
+    for options in ({}, {"coverage": "knn", "neighbours": 24}, {"dense_kernel": False},
+                    {"solver": "greedy"}):
+        reference = selection.ssdim(embeddings, 40, **options)
+        on_device = selection.ssdim(
+            torch.as_tensor(embeddings, device=device), 40, device=device, **options
+        )
+        assert on_device.dtype == np.int64
+        assert selection.ssdim_objective(embeddings, on_device) == pytest.approx(
+            selection.ssdim_objective(embeddings, reference), rel=1e-6
+        )
+
+
+def test_torch_cpu_backend_matches_numpy():
+    _same_objective_on("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("torch")
+    or not __import__("torch").cuda.is_available(),
+    reason="needs a CUDA device",
+)
+def test_cuda_backend_matches_numpy():
+    _same_objective_on("cuda")
