@@ -181,3 +181,19 @@ def test_a_class_that_decodes_nothing_fails_with_its_reasons(tiny_dataset, tmp_p
                                          r"embed/beta/.*/skipped.parquet"):
         embed_class.fn(store, "beta", EmbedParams(embedder="pixels-pca", progress=False),
                        [loaded])
+
+
+def test_decode_workers_read_from_object_storage(s3_bucket, image_files):
+    """Forked workers open their own S3 connections (fsspec resets its event loop on fork)."""
+    import fsspec
+
+    url, options = s3_bucket
+    fs = fsspec.filesystem("s3", **options)
+    remote = [f"{url}/img/{local.rsplit('/', 1)[-1]}" for local in image_files[:4]]
+    for local, target in zip(image_files, remote, strict=False):
+        fs.put_file(local, target)
+    choice = choose_embedder("pixels-pca", clip_model="", clip_pretrained="", batch_size=3)
+    in_thread = embed_files(choice, remote, storage_options=options, num_workers=0)
+    in_workers = embed_files(choice, remote, storage_options=options, num_workers=2)
+    assert in_workers.failed == [] and in_workers.kept == [0, 1, 2, 3]
+    np.testing.assert_array_equal(in_thread.vectors, in_workers.vectors)
