@@ -291,8 +291,18 @@ def test_top_columns_are_the_exact_top_entries_of_each_row(count):
     rows[:, 100:110] = rows[:, :1]  # ties
     indices, values = selection._top_columns(rows, count)
     expected = -np.sort(-rows, axis=1)[:, :count]
-    np.testing.assert_array_equal(values, expected)
+    np.testing.assert_array_equal(-np.sort(-values, axis=1), expected)
     np.testing.assert_array_equal(np.take_along_axis(rows, indices, axis=1), values)
+    assert all(np.unique(row).size == count for row in indices)
+
+
+@pytest.mark.parametrize("count", [1, 10, 150])
+def test_neighbour_search_finds_the_exact_nearest_neighbours(count):
+    unit = selection.normalise_embeddings(clustered(150, 12, clusters=5, seed=4))
+    indices, values = selection._Kernel(unit, dense=False).neighbours(count)
+    kernel = unit @ unit.T
+    np.testing.assert_allclose(values, -np.sort(-kernel, axis=1)[:, :count], atol=1e-6)
+    np.testing.assert_array_equal(np.take_along_axis(kernel, indices, axis=1), values)
     assert all(np.unique(row).size == count for row in indices)
 
 
