@@ -37,7 +37,7 @@ def test_killed_at_every_write_then_resumed_equals_an_uninterrupted_run(tmp_path
     reference = committed_files(tmp_path / "reference", ("dataset", "load", "embed", "select",
                                                          "grids"))
     writes = sum(1 for p in (tmp_path / "reference").rglob("*") if p.is_file())
-    assert writes == 25 and len(reference) == writes - 9  # 9 folders, each with a marker
+    assert writes == 27 and len(reference) == writes - 9  # 9 folders, each with a marker
 
     original = RunStore.write_bytes
     for crash_at in range(writes):
