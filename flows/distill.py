@@ -32,7 +32,7 @@ from tasks.evaluate import (
 from tasks.grids import GridParams, assemble_class_grids
 from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
 from tasks.refine import RefineParams, imagenet_index, load_dit_for, refine_class
-from tasks.report import write_report
+from tasks.report import skip_notes, write_report
 from tasks.select import SelectParams, select_class
 
 
@@ -117,9 +117,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             store, name, eval_params, [dataset, *teacher, *per_class],
             any(config.forced("evaluate", classes))) for name, per_class in trained_on.items()}
 
-    notes += [f"load[{ref.scope}]: skipped {ref.meta['skipped']} files "
-              f"{ref.meta.get('skipped_by_reason', {})} (see {ref.folder}/skipped.parquet)"
-              for ref in (future.result() for future in loaded) if ref.meta["skipped"]]
+    notes += skip_notes([future.result() for future in [*loaded, *embedded]])
     if dataset.meta.get("ignored"):
         notes.append(f"dataset: ignored {dataset.meta['ignored']} entries that are not class "
                      f"images (see {dataset.folder}/ignored.parquet)")

@@ -429,7 +429,7 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
     """Distil ``config.data`` with CPU stages on the cpu pool and GPU stages on the gpu pool."""
     # The parent imports only what it runs itself (a worker process per run pays for it).
     from tasks.ingest import IndexParams, index_dataset
-    from tasks.report import write_report
+    from tasks.report import skip_notes, write_report
 
     pools = pools or PoolOptions()
     log = get_run_logger()
@@ -479,6 +479,8 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
             done += 1
             update_progress_artifact(progress, 100.0 * done / total_runs)
     run_store = store.open()
+    notes += skip_notes([ref for stage in ("load", "embed")
+                         for ref in refs.get(stage, {}).values()])
     evaluations = [refs["evaluate"][name] for name in trained_on(config)]
     report_url = write_report(
         store=store, dataset=dataset, evaluations=evaluations,

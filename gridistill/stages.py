@@ -33,7 +33,7 @@ import gridistill
 from gridistill.storage import RunStore, content_key, validate_key_part
 
 # Parameters that change how fast a stage runs, never what it produces.
-NON_KEY_FIELDS = frozenset({"device", "batch_size", "progress"})
+NON_KEY_FIELDS = frozenset({"device", "batch_size", "progress", "num_workers"})
 
 
 class StoreSpec(BaseModel):

@@ -53,6 +53,14 @@ def accuracy_plot(metrics: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def skip_notes(refs: Sequence[ArtifactRef]) -> list[str]:
+    """One warning per stage artifact that skipped files (load: header checks and duplicates;
+    embed: pixel data that failed to decode), pointing at its ``skipped.parquet``."""
+    return [f"{ref.stage}[{ref.scope}]: skipped {ref.meta['skipped']} files "
+            f"{ref.meta.get('skipped_by_reason', {})} (see {ref.folder}/skipped.parquet)"
+            for ref in refs if ref.meta.get("skipped")]
+
+
 def write_distilled_index(store: RunStore, method: str, grids: list[ArtifactRef],
                           labels: dict[str, int]) -> None:
     """``distilled/<method>.parquet``: the distilled set's files, for readers of the run root
