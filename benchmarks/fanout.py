@@ -177,6 +177,87 @@ def apply_variant(variant: str) -> None:
             raise ValueError(f"unknown change {change!r} in {variant!r}; choose from {VARIANTS}")
 
 
+class StageMemory:
+    """RSS at the start and end of every stage body, and optional tracemalloc snapshots.
+
+    Attributes the flow process's memory to stage waves: the RSS when a stage's first body
+    starts and when its last body ends, and the high-water mark (``ru_maxrss``) then, which
+    also catches a short peak inside the wave. With ``trace``, Python-level allocations (numpy
+    included, torch not) are snapshotted when each stage's first body starts and after the
+    flow, so the growth between two waves can be named by file and line.
+    """
+
+    def __init__(self, trace: bool) -> None:
+        import psutil
+
+        self.process, self.trace = psutil.Process(), trace
+        self.first_start: dict[str, float] = {}
+        self.last_end: dict[str, tuple[float, float]] = {}  # RSS and high-water mark
+        self.snapshots: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def rss(self) -> float:
+        return self.process.memory_info().rss / 2**20
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        with self._lock:
+            if stage not in self.first_start:
+                self.first_start[stage] = self.rss()
+                if self.trace:
+                    import tracemalloc
+
+                    self.snapshots[stage] = tracemalloc.take_snapshot()
+        try:
+            yield
+        finally:
+            rss = self.rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            with self._lock:
+                self.last_end[stage] = rss
+
+    def wrap_stages(self, owner: Any, name: str) -> None:
+        """Measure ``owner.name(stage, ...)``, e.g. ``gridistill.stages.run_stage``."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def measured(stage: str, *args: Any, **kwargs: Any) -> Any:
+            with self.measure(stage):
+                return original(stage, *args, **kwargs)
+
+        setattr(owner, name, measured)
+
+    def wrap_task(self, prefect_task: Any, stage: str) -> None:
+        """Measure a task that is not a stage (the report) under the name ``stage``."""
+        original = prefect_task.fn
+
+        @functools.wraps(original)
+        def measured(*args: Any, **kwargs: Any) -> Any:
+            with self.measure(stage):
+                return original(*args, **kwargs)
+
+        prefect_task.fn = measured
+
+    def summary(self, top: int = 8) -> dict[str, Any]:
+        """Per stage wave: RSS at its first start and last end, and the process's high-water
+        mark at that end (MiB); Python-level growth between snapshots."""
+        waves = {stage: [round(self.first_start[stage]),
+                         *(round(v) for v in self.last_end.get(stage, (0, 0)))]
+                 for stage in self.first_start}
+        growth: dict[str, list[str]] = {}
+        if self.trace:
+            import tracemalloc
+
+            self.snapshots["end"] = tracemalloc.take_snapshot()
+            names = list(self.snapshots)
+            for before, after in zip(names, names[1:], strict=False):
+                stats = self.snapshots[after].compare_to(self.snapshots[before], "lineno")
+                growth[f"{before}->{after}"] = [
+                    f"{stat.size_diff / 2**20:+.1f} MiB "
+                    f"{stat.traceback[0].filename.split('site-packages/')[-1]}"
+                    f":{stat.traceback[0].lineno}" for stat in stats[:top]]
+        return {"rss_by_stage_mib": waves, "python_growth": growth}
+
+
 @contextmanager
 def rss_sampler(interval: float = 0.5) -> Iterator[list[tuple[float, float]]]:
     """(seconds, RSS MiB) of this process every ``interval`` seconds."""
@@ -223,10 +304,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     timers.wrap(prefect.task_engine, "run_task_sync", RUN_LABEL)  # counts every task run
     timers.wrap(gridistill.stages, "run_stage", BODY_LABEL)
+    if args.trace_memory:
+        import tracemalloc
+
+        tracemalloc.start()
+    memory = StageMemory(trace=args.trace_memory)
+    memory.wrap_stages(gridistill.stages, "run_stage")
     if args.attribute:
         attribute(timers)
     apply_variant(args.variant)
     import flows.distill as flow_module
+
+    memory.wrap_task(flow_module.write_report, "report")
 
     config = DistillConfig(
         data=args.data, out=args.out, ipc=1, grid_size=2, grid_resolution=32,
@@ -262,12 +351,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         .sum().round(2).to_dict(),
         "attribution_s": {k: round(v, 2) for k, v in timers.seconds.items()},
         "attribution_calls": dict(timers.calls),
+        **memory.summary(),
     }
 
 
 # -- parent ----------------------------------------------------------------------------------
 def run_child(classes: int, workers: int, variant: str, data: Path, home: Path, out: Path,
-              attribute_steps: bool, timeout: float) -> dict[str, Any]:
+              attribute_steps: bool, timeout: float, trace_memory: bool = False,
+              malloc_arenas: int | None = None) -> dict[str, Any]:
     env = os.environ | {
         "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(home),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -280,6 +371,10 @@ def run_child(classes: int, workers: int, variant: str, data: Path, home: Path, 
                str(out / "run")]
     if attribute_steps:
         command.append("--attribute")
+    if trace_memory:
+        command.append("--trace-memory")
+    if malloc_arenas:
+        env["MALLOC_ARENA_MAX"] = str(malloc_arenas)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -318,6 +413,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"flow changes to prototype, joined by '+': {', '.join(VARIANTS)}")
     parser.add_argument("--attribute", action="store_true",
                         help="time Prefect's per-task-run steps (adds a little overhead)")
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="tracemalloc snapshots at each stage wave (slows the run)")
+    parser.add_argument("--malloc-arenas", type=int, default=None,
+                        help="MALLOC_ARENA_MAX for the child (glibc per-thread arenas)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per row")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keeps generated data between invocations (default: a temp dir)")
@@ -350,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.variants:
                 with tempfile.TemporaryDirectory(dir=work) as out:
                     row = run_child(classes, workers, variant, data, home, Path(out),
-                                    args.attribute, args.timeout)
+                                    args.attribute, args.timeout, args.trace_memory,
+                                    args.malloc_arenas)
                 row["load"] = load_average()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
