@@ -12,8 +12,16 @@ Inputs:
   stand in for CLIP embeddings: real, but much less semantic.
 
 Usage: OPENBLAS_NUM_THREADS=1 python benchmarks/selection.py [--repeats 5] [--data PATH]
+       [--device cpu|cuda] [--large [--reference]]
 Plain greedy takes O(k M^2); at M >= 5000 it is timed once (marked in the table). On a shared
 CPU, single-threaded BLAS is faster and far steadier: OpenBLAS threads spin-wait for a core.
+
+``--device``: adds a row per input for ``ssdim(..., device=...)`` (the torch backend), with
+``torch.set_num_threads(1)``: two torch threads on this shared 2-core CPU were 4x slower.
+``--large``: a second table for pools where plain greedy is out of reach, M=20000 and 50000
+(d=512, k=160), each method timed once: SSDIM with kNN coverage (the default there) against
+cheap baselines, F relative to the best reference row of the same input. ``--reference`` adds
+the exact-coverage three-stage solver and facility location at M=20000 (about 2 + 1 minutes).
 """
 
 from __future__ import annotations
@@ -74,7 +82,9 @@ def seconds(call: Callable[[], np.ndarray], repeats: int) -> tuple[float, float,
     return statistics.median(wall), statistics.median(cpu), result
 
 
-def benchmark(name: str, embeddings: np.ndarray, k: int, repeats: int) -> list[str]:
+def benchmark(
+    name: str, embeddings: np.ndarray, k: int, repeats: int, device: str | None
+) -> list[str]:
     num_images, dim = embeddings.shape
     greedy_repeats = 1 if num_images >= 5000 else repeats
     greedy_time, greedy_cpu, greedy_pick = seconds(
@@ -87,7 +97,11 @@ def benchmark(name: str, embeddings: np.ndarray, k: int, repeats: int) -> list[s
             f"| {greedy_value:.2f} | 1.0000 | 1.0 |"]
     methods: dict[str, Callable[[], np.ndarray]] = {
         "ssdim (fw, three-stage)": lambda: selection.ssdim(embeddings, k),
+        "ssdim (fw, knn n=48)": lambda: selection.ssdim(embeddings, k, coverage="knn"),
     }
+    if device:
+        methods[f"ssdim (fw, torch {device})"] = (
+            lambda: selection.ssdim(embeddings, k, device=device))
     methods.update({
         method: (lambda m=method: selection.select(m, embeddings, k, seed=0))
         for method in selection.SELECTION_METHODS if method != "ssdim"
@@ -100,12 +114,55 @@ def benchmark(name: str, embeddings: np.ndarray, k: int, repeats: int) -> list[s
     return rows
 
 
+def benchmark_large(
+    name: str, embeddings: np.ndarray, k: int, reference: bool, device: str | None
+) -> list[str]:
+    """One timed run per method; F relative to the best of the reference methods' F."""
+    num_images, dim = embeddings.shape
+    methods: dict[str, Callable[[], np.ndarray]] = {
+        "ssdim (fw, knn n=48; default)": lambda: selection.ssdim(embeddings, k),
+    }
+    if device:
+        methods[f"ssdim (fw, knn, torch {device})"] = (
+            lambda: selection.ssdim(embeddings, k, device=device))
+    baselines = ["random", "kcenter"] + (["facility"] if reference else [])
+    methods.update({
+        method: (lambda m=method: selection.select(m, embeddings, k, seed=0))
+        for method in baselines
+    })
+    references = list(baselines)
+    if reference:
+        methods["ssdim (fw, exact coverage)"] = (
+            lambda: selection.ssdim(embeddings, k, coverage="exact"))
+        references.append("ssdim (fw, exact coverage)")
+    results = {}
+    for method, call in methods.items():
+        elapsed, cpu, pick = seconds(call, 1)
+        results[method] = (elapsed, cpu, selection.ssdim_objective(embeddings, pick))
+    best_reference = max(references, key=lambda method: results[method][2])
+    reference_value = results[best_reference][2]
+    size = f"{name} M={num_images} d={dim} k={k}"
+    return [f"| {size} | {method} | {elapsed:.1f} | {cpu:.1f} | {value:.2f} "
+            f"| {value / reference_value:.4f} | {best_reference} |"
+            for method, (elapsed, cpu, value) in results.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="Imagenette train folder (one sub-folder per class)")
+    parser.add_argument("--device", default=None,
+                        help="also time ssdim with the torch backend on this device")
+    parser.add_argument("--large", action="store_true",
+                        help="add the M=20000 and 50000 table (a few minutes)")
+    parser.add_argument("--reference", action="store_true",
+                        help="with --large: exact-coverage SSDIM and facility at M=20000 (slow)")
     args = parser.parse_args()
+    if args.device:
+        import torch  # imported before timing; one thread, as OPENBLAS_NUM_THREADS=1 for numpy
+
+        torch.set_num_threads(1)
 
     inputs = [
         ("synthetic", clustered_embeddings(300, 128, seed=0), 40),
@@ -125,7 +182,18 @@ def main() -> None:
     print("| size | method | seconds (wall) | CPU s | F | F/F_greedy | speed-up vs greedy |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, embeddings, k in inputs:
-        for row in benchmark(name, embeddings, k, args.repeats):
+        for row in benchmark(name, embeddings, k, args.repeats, args.device):
+            print(row, flush=True)
+    if not args.large:
+        return
+    print(f"\n# large pools, one run each, load average {os.getloadavg()[0]:.1f}")
+    print("| size | method | seconds (wall) | CPU s | F | F/F_ref | ref (best of) |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for num_images, seed in ((20_000, 3), (50_000, 4)):
+        embeddings = clustered_embeddings(num_images, 512, seed=seed)
+        rows = benchmark_large("synthetic", embeddings, 160,
+                               args.reference and num_images == 20_000, args.device)
+        for row in rows:
             print(row, flush=True)
 
 

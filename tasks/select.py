@@ -11,12 +11,30 @@ with ``K = E E^T`` over the L2-normalised embedding rows ``E`` (``U`` = all ``M`
 ``s_i = sum_{k <= r} lambda_k u_ik^2`` over the top-``r`` eigenpairs of ``K``.
 
 Every function here L2-normalises the embedding rows itself, so callers may pass raw features.
-Everything is plain numpy/scipy: no framework or I/O import. Methods are chosen by name with
-``select``; SSDIM solvers with ``ssdim(..., solver=...)``.
+The algorithms are plain numpy/scipy; torch is imported only when ``ssdim(..., device=...)``
+asks for it (below). Methods are chosen by name with ``select``; SSDIM solvers with
+``ssdim(..., solver=...)``.
 
-Speed: at M=1300, d=512, k=160 a whole ``ssdim`` call takes about 0.08 s of CPU on one core
-(``benchmarks/selection.md``). On a CPU shared with other jobs, set ``OPENBLAS_NUM_THREADS=1``:
-multi-threaded OpenBLAS spin-waits for a busy core and was measured 10-17x slower there.
+Large pools (``coverage="knn"``, the default from M = 20000): no ``M x M`` array is formed.
+The spectrum is the exact truncated SVD of ``E`` (top-``r`` eigenvectors of the ``d x d`` Gram
+``E^T E``, ``_spectrum``); the greedy's coverage gains are restricted to the exact
+``n``-nearest-neighbour graph (``_NeighbourCoverage``; ``n = 48`` by default), its log-det gains
+come from the incremental Cholesky with kernel rows of the selected images only, and the swap
+passes score the exact ``F`` with kernel rows computed on demand. ``ssdim_objective`` evaluates
+the exact ``F`` at any ``M`` in ``O(M k d)``.
+
+Devices: ``device=None`` is numpy/BLAS. A torch device (``"cuda"``, or ``"cpu"`` for testing)
+runs the ``O(M d)``-per-row work in torch there (``_Kernel``): the dense kernel or on-demand
+kernel rows, the coverage-gain reductions of the lazy greedy and the kNN search (``topk``).
+The per-step bookkeeping of the greedy (incremental Cholesky, ``O(M k)``), the swap passes'
+reductions, the Frank-Wolfe iterations and the spectrum stay numpy on the host, fed with kernel
+rows copied back from the device. One algorithm, two array backends for its kernel.
+
+Speed (``benchmarks/selection.md``, one core): at M=1300, d=512, k=160 a whole ``ssdim`` call
+takes about 0.07 s of CPU; M=5000 about 0.5 s; M=20000 with kNN coverage about 7 s, most of it
+the exact kNN search's ``O(M^2 d)`` product. On a CPU shared with other jobs, set
+``OPENBLAS_NUM_THREADS=1`` (and ``torch.set_num_threads(1)`` for the torch backend):
+multi-threaded BLAS spin-waits for a busy core and was measured 10-17x slower there.
 """
 
 from __future__ import annotations
@@ -194,7 +212,7 @@ class _Kernel:
 
         Kernel rows are computed ``_row_block`` at a time, so memory is ``O(M count)`` plus one
         block (16 MB). numpy selects with ``_top_columns``, torch with ``topk``. The ``O(M^2 d)``
-        product dominates (about 5 s of the 6.5 s at M=20000, d=512 on one core). Computing
+        product dominates (about 5 s of the 6 s at M=20000, d=512 on one core). Computing
         only the tiles on and above the diagonal halves it, but taking the top of the transposed
         tiles then costs about what that saves (measured), so whole rows are computed.
         """
@@ -222,17 +240,17 @@ def _top_columns(rows: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     row's top ``count`` lies in a group whose maximum is at least the ``count``-th largest value,
     and at most ``count`` groups have such a maximum, so the top ``count`` groups by maximum hold
     the row's top ``count``: one small ``argpartition`` over the group maxima, one over those
-    groups' ``count * groups`` entries.
+    groups' ``count * per_group`` entries.
     """
     num_rows, width = rows.shape
-    groups = max(1, min(32, width // (4 * count)))
-    padding = (-width) % groups
+    per_group = max(1, min(32, width // (4 * count)))  # at least 4 * count groups per row
+    padding = (-width) % per_group
     if padding:
         rows = np.pad(rows, ((0, 0), (0, padding)), constant_values=-np.inf)
-    stride = rows.shape[1] // groups
-    group_maxima = rows.reshape(num_rows, groups, stride).max(axis=1)
+    stride = rows.shape[1] // per_group
+    group_maxima = rows.reshape(num_rows, per_group, stride).max(axis=1)
     top_groups = np.argpartition(group_maxima, -count, axis=1)[:, -count:]
-    columns = (top_groups[:, :, None] + stride * np.arange(groups)).reshape(num_rows, -1)
+    columns = (top_groups[:, :, None] + stride * np.arange(per_group)).reshape(num_rows, -1)
     values = np.take_along_axis(rows, columns, axis=1)
     keep = np.argpartition(values, -count, axis=1)[:, -count:]
     return np.take_along_axis(columns, keep, axis=1), np.take_along_axis(values, keep, axis=1)
@@ -801,15 +819,19 @@ def ssdim(
 
     ``coverage``: ``"exact"`` (default below ``KNN_FROM_IMAGES`` = 20000 images) uses every
     ``K_ij``; ``"knn"`` (default from 20000 on) builds the exact ``neighbours``-nearest-neighbour
-    graph of the rows (blockwise, ``O(M^2 d)`` time, ``O(M n)`` memory) and lets the greedy
-    maximise the surrogate of ``_NeighbourCoverage`` (uncovered rows count at their ``n``-th
-    neighbour's similarity) instead; no ``M x M`` array is formed, and the swap passes still
-    score the exact ``F``. ``neighbours`` (``n``, default 48, clamped to ``M``): more
-    neighbours make the surrogate closer to exact coverage and the graph slower to build.
+    graph of the rows (blockwise, ``O(M^2 d)`` time, ``O(M n)`` memory) and the greedy counts
+    a candidate's coverage gain only over the rows that have it among their neighbours
+    (``_NeighbourCoverage``: a lower bound on the exact gain, over the exact coverage state);
+    no ``M x M`` array is formed, and the swap passes still score the exact ``F``. With kNN
+    coverage the three-stage result is not guaranteed to reach plain greedy's ``F``.
+    ``neighbours`` (``n``, default 48, clamped to ``M``; 32-64 is the useful range): more
+    neighbours count more of each gain and make the graph slower to build; ``n = M`` is exact
+    coverage.
 
     ``dense_kernel`` (exact coverage only): hold ``K`` as one float32 ``M x M`` matrix (default
-    below 20000 images), or compute kernel rows from ``E`` on demand (same values, ``O(M d)``
-    memory). kNN coverage always computes rows on demand.
+    below 20000 images; ``True`` also makes ``coverage=None`` mean exact), or compute kernel
+    rows from ``E`` on demand (same values, ``O(M d)`` memory). kNN coverage always computes
+    rows on demand; asking it for a dense kernel is a ValueError.
 
     ``device``: None computes with numpy/BLAS on the CPU; a torch device (``"cuda"``, ``"cpu"``)
     runs the kernel rows, coverage-gain reductions and neighbour search with torch there (see
@@ -833,8 +855,8 @@ def ssdim(
     unit = normalise_embeddings(embeddings)
     num_images = unit.shape[0]
     k = _check_k(k, num_images)
-    if coverage is None:
-        coverage = "knn" if num_images >= KNN_FROM_IMAGES else "exact"
+    if coverage is None:  # an explicit dense kernel keeps the exact coverage it was asked for
+        coverage = "knn" if num_images >= KNN_FROM_IMAGES and not dense_kernel else "exact"
     if coverage == "knn" and dense_kernel:
         raise ValueError("kNN coverage never forms the dense kernel; leave dense_kernel unset")
     if dense_kernel is None:

@@ -306,36 +306,29 @@ def test_neighbour_search_finds_the_exact_nearest_neighbours(count):
     assert all(np.unique(row).size == count for row in indices)
 
 
-def test_neighbour_coverage_with_every_neighbour_is_exact_coverage():
+@pytest.mark.parametrize("count", [20, 150])
+def test_neighbour_gains_bound_the_exact_gains_and_equal_them_with_every_neighbour(count):
     unit = selection.normalise_embeddings(clustered(150, 12, clusters=5, seed=4))
     kernel = selection._Kernel(unit, dense=False)
     exact = selection._GreedyState(kernel, 6, 1e-3)
     knn = selection._GreedyState(
-        kernel, 6, 1e-3, selection._NeighbourCoverage(*kernel.neighbours(150))
+        kernel, 6, 1e-3, selection._NeighbourCoverage(*kernel.neighbours(count))
     )
     for index in (3, 77, 140, 12, 5):
-        np.testing.assert_allclose(knn.coverage.all_gains(), exact.coverage.all_gains(),
-                                   atol=1e-9)
+        knn_gains, exact_gains = knn.coverage.all_gains(), exact.coverage.all_gains()
+        assert np.all(knn_gains <= exact_gains + 1e-9)
+        if count == 150:
+            np.testing.assert_allclose(knn_gains, exact_gains, atol=1e-9)
         exact.add(index)
         knn.add(index)
+
+
+def test_knn_greedy_with_every_neighbour_is_exact_greedy():
     embeddings = clustered(150, 12, clusters=5, seed=4)
     np.testing.assert_array_equal(
         selection.ssdim(embeddings, 15, solver="greedy", coverage="knn", neighbours=150),
         selection.ssdim(embeddings, 15, solver="greedy", coverage="exact"),
     )
-
-
-def test_neighbour_gains_are_lower_bounds_of_the_exact_gains():
-    unit = selection.normalise_embeddings(clustered(300, 16, clusters=8, seed=5))
-    kernel = selection._Kernel(unit, dense=True)
-    exact = selection._GreedyState(kernel, 10, 1e-3)
-    knn = selection._GreedyState(
-        kernel, 10, 1e-3, selection._NeighbourCoverage(*kernel.neighbours(20))
-    )
-    for index in range(0, 300, 30):
-        assert np.all(knn.coverage.all_gains() <= exact.coverage.all_gains() + 1e-9)
-        exact.add(index)
-        knn.add(index)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -379,6 +372,7 @@ def test_coverage_defaults_to_knn_for_large_pools(monkeypatch):
     selection.ssdim(embeddings, 10, neighbours=7)
     assert chosen == [(120, 7)]
     selection.ssdim(clustered(99, 8, clusters=4, seed=7), 10)
+    selection.ssdim(embeddings, 10, dense_kernel=True)
     assert chosen == [(120, 7)]
 
 
@@ -414,11 +408,32 @@ def test_torch_cpu_backend_matches_numpy():
     _same_objective_on("cpu")
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_torch_kernel_computes_in_torch_and_returns_numpy(dense):
+    torch = pytest.importorskip("torch")
+    unit = selection.normalise_embeddings(clustered(60, 8, clusters=3, seed=1))
+    kernel = selection._Kernel(unit, dense=dense, device="cpu")
+    assert isinstance(kernel.source, torch.Tensor)
+    rows, columns = np.array([4, 1]), np.array([0, 5, 9])
+    np.testing.assert_allclose(kernel.rows(rows), unit[rows] @ unit.T, atol=1e-6)
+    np.testing.assert_allclose(kernel.block(rows, columns), unit[rows] @ unit[columns].T,
+                               atol=1e-6)
+    best = np.full(60, 0.2, dtype=np.float32)
+    np.testing.assert_allclose(
+        kernel.coverage_gains(rows, best),
+        selection._Kernel(unit, dense=dense).coverage_gains(rows, best), rtol=1e-6,
+    )
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("torch")
-    or not __import__("torch").cuda.is_available(),
-    reason="needs a CUDA device",
-)
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
 def test_cuda_backend_matches_numpy():
     _same_objective_on("cuda")

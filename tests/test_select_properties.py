@@ -1,4 +1,5 @@
-"""Hypothesis checks that the two set-function terms of SSDIM are monotone and submodular.
+"""Hypothesis checks that the two set-function terms of SSDIM are monotone and submodular,
+and that the kNN coverage gains of large pools are lower bounds on the exact ones that shrink.
 
 Both terms are evaluated through ``ssdim_objective`` (one term switched on at a time), so these
 check the library's objective, not a re-implementation.
@@ -78,3 +79,25 @@ def test_logdet_is_submodular_and_its_eps_shifted_form_is_monotone(instance):
         logdet, embeddings, bigger, extra) - 1e-7
     # ...while the raw term never grows by more than log(1 + eps) per image.
     assert gain(logdet, embeddings, bigger, extra) <= math.log(1 + EPS) + 1e-7
+
+
+def neighbour_gain(embeddings, subset: list[int], extra: int, count: int) -> float:
+    """The kNN-restricted coverage gain of ``extra`` after ``subset`` (``_NeighbourCoverage``)."""
+    unit = selection.normalise_embeddings(embeddings)
+    kernel = selection._Kernel(unit, dense=False)
+    surrogate = selection._NeighbourCoverage(*kernel.neighbours(count))
+    for index in subset:
+        surrogate.add(index, kernel.rows(np.array([index]))[0])
+    return float(surrogate.gains(np.array([extra]))[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances(), st.integers(1, 10))
+def test_neighbour_coverage_gains_are_lower_bounds_that_shrink(instance, count):
+    embeddings, smaller, bigger, extra = instance
+    count = min(count, embeddings.shape[0])
+    # float32 kernel entries against the float64 objective: tolerance well above their rounding
+    assert neighbour_gain(embeddings, bigger, extra, count) <= gain(
+        coverage, embeddings, bigger, extra) + 1e-5
+    assert neighbour_gain(embeddings, smaller, extra, count) >= neighbour_gain(
+        embeddings, bigger, extra, count) - 1e-9
