@@ -60,7 +60,10 @@ def normalise_embeddings(embeddings: Any) -> np.ndarray:
     such a row has no direction, so it has no place in a cosine kernel.
     """
     if type(embeddings).__module__.startswith("torch"):  # a tensor, without importing torch
-        embeddings = embeddings.detach().cpu().numpy()
+        embeddings = embeddings.detach().cpu()
+        if str(embeddings.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            embeddings = embeddings.float()
+        embeddings = embeddings.numpy()
     array = np.asarray(embeddings)
     if array.ndim != 2:
         raise ValueError(

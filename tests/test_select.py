@@ -408,6 +408,15 @@ def test_torch_cpu_backend_matches_numpy():
     _same_objective_on("cpu")
 
 
+def test_torch_tensors_of_any_float_dtype_are_accepted():
+    torch = pytest.importorskip("torch")
+    embeddings = clustered(30, 6, clusters=3, seed=2)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        unit = selection.normalise_embeddings(torch.tensor(embeddings, dtype=dtype))
+        assert unit.dtype == np.float32 and unit.shape == (30, 6)
+        np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_torch_kernel_computes_in_torch_and_returns_numpy(dense):
     torch = pytest.importorskip("torch")
