@@ -103,9 +103,10 @@ def _spectrum(unit_embeddings: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
     With ``E = U Sigma V^T`` the eigenvectors of ``K = E E^T`` are ``u_k = E v_k / sigma_k`` and
     ``lambda_k = sigma_k^2``, so ``s_i = sum_{k <= r} lambda_k u_ik^2 = sum_k (e_i . v_k)^2 =
     ||z_i||^2`` with ``Z = E V_r``: the energy of row ``i`` in the top ``r`` principal directions.
-    ``V_r`` comes from the small ``d x d`` Gram ``E^T E`` (or from ``K`` itself when ``M < d``),
-    never from an ``M x M`` eigendecomposition, and only the wanted eigenvectors are computed
-    (LAPACK ``syevr``), several times faster than a full ``eigh``. Computed in the precision of
+    ``V_r`` comes from the small ``d x d`` Gram ``E^T E`` (the exact truncated SVD of ``E``; or
+    from ``K`` itself when ``M < d``), never from an ``M x M`` eigendecomposition, and only the
+    wanted eigenvectors are computed (LAPACK ``syevr``), several times faster than a full
+    ``eigh``. Computed in the precision of
     ``unit_embeddings``: the solver passes float32 (about 2x faster), the objective float64.
     Returned as float64.
     """
@@ -838,7 +839,8 @@ def ssdim(
 
     ``device``: None computes with numpy/BLAS on the CPU; a torch device (``"cuda"``, ``"cpu"``)
     runs the kernel rows, coverage-gain reductions and neighbour search with torch there (see
-    ``_Kernel``); the rest is the same numpy code. ``embeddings`` may be a numpy array or a
+    ``_Kernel``); the rest is the same numpy code. ``"auto"``: ``"cuda"`` when torch sees a
+    CUDA device, else None. ``embeddings`` may be a numpy array or a
     torch tensor (on any device).
 
     ``seed`` draws the relaxation's coverage anchors; the same seed gives the same selection.
@@ -864,6 +866,8 @@ def ssdim(
         raise ValueError("kNN coverage never forms the dense kernel; leave dense_kernel unset")
     if dense_kernel is None:
         dense_kernel = coverage == "exact" and num_images < KNN_FROM_IMAGES
+    if device == "auto":
+        device = "cuda" if _torch().cuda.is_available() else None
     kernel = _Kernel(unit, dense=dense_kernel, device=device)
     energy, projections = _spectrum(unit, rank)
     weights = (float(alpha), float(beta), float(gamma))

@@ -434,6 +434,14 @@ def test_torch_kernel_computes_in_torch_and_returns_numpy(dense):
     )
 
 
+def test_auto_device_is_cuda_when_present_and_numpy_otherwise():
+    embeddings = clustered(200, 16, clusters=5, seed=3)
+    picked = selection.ssdim(embeddings, 20, device="auto")
+    if not _cuda_available():
+        np.testing.assert_array_equal(picked, selection.ssdim(embeddings, 20))
+    assert np.unique(picked).size == 20
+
+
 def _cuda_available() -> bool:
     try:
         import torch
