@@ -2,7 +2,7 @@
 
 Prints one markdown table: size, method, seconds (median wall clock of the timed runs), CPU
 seconds (median), F (the exact SSDIM objective), F / F(plain greedy) and the wall-clock speed-up
-over plain greedy measured in the same run.
+over plain greedy measured in the same run; ``--large`` adds a second one (below).
 
 Inputs:
 - clustered synthetic embeddings (Gaussian clusters, L2-normalised by the selectors) at several
@@ -21,7 +21,7 @@ CPU, single-threaded BLAS is faster and far steadier: OpenBLAS threads spin-wait
 ``--large``: a second table for pools where plain greedy is out of reach, M=20000 and 50000
 (d=512, k=160), each method timed once: SSDIM with kNN coverage (the default there) against
 cheap baselines, F relative to the best reference row of the same input. ``--reference`` adds
-the exact-coverage three-stage solver and facility location at M=20000 (about 2 + 1 minutes).
+the exact-coverage three-stage solver and facility location at M=20000 (~1.5 minutes more).
 """
 
 from __future__ import annotations
