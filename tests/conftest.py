@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Before anything imports Prefect or huggingface_hub: offline, quiet, isolated.
@@ -102,3 +103,24 @@ def s3_bucket(s3_endpoint):
     name = f"test-{uuid.uuid4().hex[:12]}"
     fs.mkdir(name)
     return f"s3://{name}", options
+
+
+@pytest.fixture
+def small_device(monkeypatch):
+    """``limit(owner, method, max_rows)`` makes ``owner.method`` act like a device that fits
+    ``max_rows`` batch rows: a larger batch raises CUDA's out-of-memory error. Returns the list
+    of batch sizes the method is called with, in order."""
+
+    def limit(owner, method: str, max_rows: int) -> list[int]:
+        original, sizes = getattr(owner, method), []
+
+        def forward(batch, *args, **kwargs):
+            sizes.append(len(batch))
+            if len(batch) > max_rows:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated device)")
+            return original(batch, *args, **kwargs)
+
+        monkeypatch.setattr(owner, method, forward)
+        return sizes
+
+    return limit

@@ -111,21 +111,13 @@ def test_decode_workers_do_not_change_the_embeddings(tiny_clip_checkpoint, image
 
 
 def test_an_out_of_memory_batch_is_embedded_in_halves(tiny_clip_checkpoint, image_files,
-                                                       monkeypatch, caplog):
+                                                       small_device, caplog):
     name, path, _ = tiny_clip_checkpoint
     choice = choose_embedder("clip", clip_model=name, clip_pretrained=path, batch_size=4,
                              what="embed[test]")
     expected = embed_files(choice, image_files).vectors
     model = cached_model(load_inference_clip, name, path, device="cpu").model
-    original, sizes = model.encode_image, []
-
-    def small_device(pixels, *args, **kwargs):
-        sizes.append(len(pixels))
-        if len(pixels) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
-        return original(pixels, *args, **kwargs)
-
-    monkeypatch.setattr(model, "encode_image", small_device)
+    sizes = small_device(model, "encode_image", 2)
     choice = choose_embedder("clip", clip_model=name, clip_pretrained=path, batch_size=4,
                              what="embed[test]")
     with caplog.at_level(logging.WARNING, logger="gridistill.resources"):

@@ -330,7 +330,7 @@ def test_noise_predictor_checkpoint_round_trip_and_use(tiny, tmp_path):
         enhance_grids(grids, "sd-turbo", scale=2, noise_predictor=loaded, **run)
 
 
-def test_out_of_memory_halves_the_tile_batch_with_the_same_result(tiny, monkeypatch, caplog):
+def test_out_of_memory_halves_the_tile_batch_with_the_same_result(tiny, small_device, caplog):
     """A fake device that fits 2 tiles: the run halves 4 -> 2 and keeps 2, and its result is
     the run at batch size 2 exactly (each tile's noise is cut from its grid's own draw)."""
     import logging
@@ -339,15 +339,7 @@ def test_out_of_memory_halves_the_tile_batch_with_the_same_result(tiny, monkeypa
     run = dict(prompts=["a photo of a dog"], components=tiny, seed=3, tile_size=64,
                tile_overlap=32, progress=False)  # 9 tiles per grid
     at_four, at_two = (enhance_grids(grids, "sd-turbo", batch_size=b, **run) for b in (4, 2))
-    original, sizes = tiny.unet.forward, []
-
-    def small_device(sample, *args, **kwargs):
-        sizes.append(len(sample))
-        if len(sample) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
-        return original(sample, *args, **kwargs)
-
-    monkeypatch.setattr(tiny.unet, "forward", small_device)
+    sizes = small_device(tiny.unet, "forward", 2)
     with caplog.at_level(logging.WARNING, logger="gridistill.resources"):
         halved = enhance_grids(grids, "sd-turbo", batch_size=4, **run)
     torch.testing.assert_close(halved, at_two, atol=0, rtol=0)

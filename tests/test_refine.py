@@ -267,7 +267,7 @@ def test_cli_missing_weights_stop_before_any_work(tmp_path, capsys,
 
 def test_out_of_memory_halves_the_batch_with_the_same_result(components: DiTBundle,
                                                              distilled_images: torch.Tensor,
-                                                             monkeypatch, caplog) -> None:
+                                                             small_device, caplog) -> None:
     """A fake device that fits one image (two transformer rows with CFG): the run halves
     3 -> 1 and gives the batch-size-1 result exactly (every image's noise is drawn up front)."""
     import logging
@@ -277,15 +277,7 @@ def test_out_of_memory_halves_the_batch_with_the_same_result(components: DiTBund
                                    t_h=3, t_l=2, seed=0, batch_size=batch_size, progress=False)
 
     at_three, at_one = run(3), run(1)
-    original, sizes = components.transformer.forward, []
-
-    def small_device(hidden_states, *args, **kwargs):
-        sizes.append(len(hidden_states))
-        if len(hidden_states) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        return original(hidden_states, *args, **kwargs)
-
-    monkeypatch.setattr(components.transformer, "forward", small_device)
+    sizes = small_device(components.transformer, "forward", 2)
     with caplog.at_level(logging.WARNING, logger="gridistill.resources"):
         halved = run(3)
     assert torch.equal(halved, at_one)
