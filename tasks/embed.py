@@ -15,7 +15,9 @@ bf16 (or fp16) autocast. A file that fails to decode is left out and listed with
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -103,13 +105,40 @@ def default_num_workers(device: str | torch.device) -> int:
     return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
 
 
+@functools.cache
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where decode workers come from: a fork server, a clean process that imported this module
+    once, never the calling process.
+
+    A process running a Prefect flow holds Prefect's service threads and their at-exit hooks;
+    a worker forked from it runs those hooks when it finishes, they fail there (no service loop
+    in the child), and the worker exits with code 1 after doing its work, which the DataLoader
+    turns into an error for the whole class. Forking from the fork server avoids that and costs
+    one interpreter start per process, not per class. The server's environment is the one it
+    started with, so :func:`image_loader` hands each worker the caller's current one.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _adopt_environment(environment: dict[str, str], worker_id: int) -> None:
+    """Worker start: the environment of the process that made the loader (credentials that a
+    flow loaded into ``os.environ`` after the fork server started, for example)."""
+    os.environ.clear()
+    os.environ.update(environment)
+
+
 def image_loader(dataset: ImageFiles, *, batch_size: int, num_workers: int,
                  pin_memory: bool) -> DataLoader:
     """Batches of ``dataset`` as :class:`LoadedBatch`, in order, decoded by ``num_workers``
-    processes (0: in the calling thread); ``pin_memory`` for non-blocking copies to CUDA."""
+    processes from :func:`worker_context` (0: in the calling thread); ``pin_memory`` for
+    non-blocking copies to CUDA."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                       collate_fn=collate_images, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None,
+                      multiprocessing_context=worker_context() if num_workers else None,
+                      worker_init_fn=functools.partial(_adopt_environment, dict(os.environ)))
 
 
 # -- the model ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from gridistill.models import MissingWeightsError, cached_model, load_clip
 from gridistill.stages import StoreSpec
 from gridistill.storage import RunStore
 from tasks.embed import (
+    Embedded,
     EmbedParams,
     choose_embedder,
     embed_class,
@@ -175,8 +176,26 @@ def test_a_class_that_decodes_nothing_fails_with_its_reasons(tiny_dataset, tmp_p
                        [loaded])
 
 
+def test_decode_workers_start_inside_a_prefect_flow_run(prefect_harness, image_files):
+    """Where the stage really runs: in a process whose Prefect services are up. Workers forked
+    from such a process fail at exit (Prefect's at-exit hooks), so they must come from the
+    fork server; this failed with a plain fork."""
+    from prefect import flow
+
+    choice = choose_embedder("pixels-pca", clip_model="", clip_pretrained="", batch_size=4)
+
+    @flow
+    def embed_in_flow() -> Embedded:
+        return embed_files(choice, image_files, num_workers=2)
+
+    in_flow = embed_in_flow()
+    assert in_flow.failed == [] and in_flow.kept == list(range(len(image_files)))
+    np.testing.assert_array_equal(in_flow.vectors,
+                                  embed_files(choice, image_files, num_workers=0).vectors)
+
+
 def test_decode_workers_read_from_object_storage(s3_bucket, image_files):
-    """Forked workers open their own S3 connections (fsspec resets its event loop on fork)."""
+    """Workers open their own S3 connections (fsspec resets its event loop on fork)."""
     import fsspec
 
     url, options = s3_bucket
