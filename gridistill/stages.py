@@ -104,12 +104,12 @@ def run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str, p
     folder = stage_folder(stage, scope, key)
     run_store = store.open()
     log = stage_logger()
-    if run_store.is_committed(folder):
-        if not force:
-            log.info("%s[%s]: reusing %s", stage, scope, run_store.url(folder))
-            return ArtifactRef(stage=stage, scope=scope, key=key, folder=folder,
-                               meta=run_store.read_commit(folder).get("meta", {}))
+    if force:
         run_store.uncommit(folder)
+    elif (committed := run_store.commit_if_any(folder)) is not None:
+        log.info("%s[%s]: reusing %s", stage, scope, run_store.url(folder))
+        return ArtifactRef(stage=stage, scope=scope, key=key, folder=folder,
+                           meta=committed.get("meta", {}))
     started = time.perf_counter()
     meta = compute(run_store, folder, scope, params, list(upstream))
     seconds = time.perf_counter() - started

@@ -10,6 +10,7 @@ that the next run simply rewrites.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -143,8 +144,18 @@ class RunStore:
         self.write_json(f"{folder}/{COMMIT_MARKER}", dict(metadata))
 
     def uncommit(self, folder: str) -> None:
-        """Mark ``folder`` unfinished again, before it is rewritten in place."""
-        self.fs.rm_file(self.path(f"{folder}/{COMMIT_MARKER}"))
+        """Mark ``folder`` unfinished again, before it is rewritten in place (a no-op when
+        another run already did)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(f"{folder}/{COMMIT_MARKER}"))
 
     def read_commit(self, folder: str) -> dict[str, Any]:
         return self.read_json(f"{folder}/{COMMIT_MARKER}")
+
+    def commit_if_any(self, folder: str) -> dict[str, Any] | None:
+        """The commit metadata of ``folder``, or None when it is not committed. One read: a
+        concurrent run's ``uncommit`` cannot fall between a check and the read."""
+        try:
+            return self.read_commit(folder)
+        except FileNotFoundError:
+            return None
