@@ -22,8 +22,9 @@ import contextlib
 import json
 import math
 import statistics
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -527,6 +528,22 @@ def evaluate_top1(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tenso
     return 100.0 * correct / len(images_u8)
 
 
+# torch's augmentations (and randperm, rand) draw from the process-wide generator. The flow
+# evaluates several methods at once in threads of one process; their draws would interleave and
+# a seeded run would not repeat. A seeded run therefore holds the generator for itself.
+_PROCESS_RNG = threading.RLock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's generators for this block alone: other threads' seeded blocks wait, and
+    the generators' previous state is restored afterwards."""
+    with _PROCESS_RNG, torch.random.fork_rng(
+            devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def fit_student(
     model: nn.Module,
     train_images: torch.Tensor,
@@ -670,9 +687,7 @@ def train_and_evaluate(
         raise ValueError(f"teacher was trained at {teacher.image_size} px, student at {image_size}")
 
     dev = torch.device(device)
-    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
+    with seeded(seed, dev):
         model = build_student(student, num_classes, image_size)
         test_u8 = prepare_test_images(test_images, image_size, preset.val_resize_ratio).to(dev)
         test_y = test_labels.to(dev, dtype=torch.long)
@@ -727,9 +742,7 @@ def train_teacher(
         batch_size=min(preset.batch_for(images_per_class), len(images)),
         lr=preset.lr_for(architecture), ipc=images_per_class, seed=seed, device=device,
     )
-    dev = torch.device(device)
-    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(seed, torch.device(device)):
         model = build_student(architecture, len(class_names), image_size)
         fit_student(model, images, labels, preset, settings, progress=progress)
     return Teacher(model.eval(), architecture, tuple(class_names), image_size)
@@ -780,15 +793,15 @@ def bare_loop_images_per_s(
     normalised batches, no augmentation, no bookkeeping): the yardstick for the harness."""
     preset = get_protocol(protocol)
     dev = torch.device(device)
-    torch.manual_seed(seed)
     # Same memory format and autocast as the harness, so only the harness's own work differs.
     memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-    model = build_student(student, num_classes, image_size)
+    with seeded(seed, dev):
+        model = build_student(student, num_classes, image_size)
+        inputs = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+        targets = torch.randint(num_classes, (batch_size,), device=dev)
     model.to(dev, memory_format=memory_format).train()
     optimizer = _make_optimizer(preset, model, preset.lr_for(student))
-    inputs = torch.randn(batch_size, 3, image_size, image_size, device=dev)
     inputs = inputs.contiguous(memory_format=memory_format)
-    targets = torch.randint(num_classes, (batch_size,), device=dev)
     start = time.perf_counter()
     for _ in range(steps):
         with _autocast(dev):
@@ -827,10 +840,10 @@ def harness_overhead(
     steps = math.ceil(len(train_images) / batch)
     harness, bare = [], []
     for repeat in range(repeats):
-        torch.manual_seed(repeat)
-        model = build_student(student, num_classes, image_size)
-        harness.append(fit_student(model, train_images, train_labels, preset, settings,
-                                   progress=False)[1])
+        with seeded(repeat, torch.device(device)):
+            model = build_student(student, num_classes, image_size)
+            harness.append(fit_student(model, train_images, train_labels, preset, settings,
+                                       progress=False)[1])
         bare.append(bare_loop_images_per_s(student, num_classes, image_size, batch, steps,
                                            protocol=protocol, device=device, seed=repeat))
     best_harness, best_bare = max(harness), max(bare)

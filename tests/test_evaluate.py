@@ -230,6 +230,24 @@ def test_cpu_small_learns_solid_colours_from_grids_and_is_deterministic():
     assert again["history"] == result["history"]
 
 
+def test_evaluations_in_parallel_threads_give_their_sequential_results():
+    """The flow evaluates several methods at once in one process's threads; torch's
+    augmentations draw from the process-wide generator, so a seeded run must not share it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    test_x, test_y = solid_colour_set(5, 16, seed=1)
+    sets = [solid_colour_set(2, 32, seed=seed) for seed in (0, 7)]
+    kwargs = dict(num_classes=4, grid_size=2, image_size=16, epochs=6, seed=3, progress=False)
+
+    def run(train: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
+        return train_and_evaluate(*train, test_x, test_y, **kwargs)["history"]
+
+    sequential = [run(train) for train in sets]
+    with ThreadPoolExecutor(2) as pool:
+        parallel = list(pool.map(run, sets * 2))
+    assert parallel == sequential * 2
+
+
 def test_minimax_protocol_learns_with_cutmix_and_colour_augmentation():
     train_x, train_y = solid_colour_set(4, 16, seed=0)
     test_x, test_y = solid_colour_set(10, 16, seed=1)
