@@ -97,6 +97,12 @@ def _check_k(k: int, num_images: int) -> int:
     return int(k)
 
 
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _spectrum(unit_embeddings: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Spectral energies ``s`` and the rows' coordinates ``Z`` in the top-``rank`` eigenbasis.
 
@@ -111,9 +117,7 @@ def _spectrum(unit_embeddings: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
     Returned as float64.
     """
     num_images, dim = unit_embeddings.shape
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    rank = min(int(rank), num_images, dim)
+    rank = min(_check_positive_int("rank", rank), num_images, dim)
     if dim <= num_images:
         _, vectors = scipy.linalg.eigh(
             unit_embeddings.T @ unit_embeddings, subset_by_index=[dim - rank, dim - 1],
@@ -331,7 +335,7 @@ class _ExactCoverage:
         return np.concatenate([self.gains(np.arange(start, min(start + step, self.kernel.size)))
                                for start in range(0, self.kernel.size, step)])
 
-    def add(self, index: int, row: np.ndarray) -> None:
+    def add(self, row: np.ndarray) -> None:
         np.maximum(self.best, row, out=self.best)
 
 
@@ -367,7 +371,7 @@ class _NeighbourCoverage:
     def all_gains(self) -> np.ndarray:
         return self.gain.copy()
 
-    def add(self, index: int, row: np.ndarray) -> None:
+    def add(self, row: np.ndarray) -> None:
         raised = np.flatnonzero(row > self.best)
         old, new = self.best[raised].astype(np.float64), row[raised].astype(np.float64)
         similarities = self.similarities[raised]
@@ -416,7 +420,7 @@ class _GreedyState:
         direction /= math.sqrt(self.schur[index])
         self.factor[step] = direction
         self.schur -= direction**2
-        self.coverage.add(index, row)
+        self.coverage.add(row)
         self.is_selected[index] = True
         self.order.append(index)
 
@@ -849,9 +853,7 @@ def ssdim(
         raise ValueError(f"unknown SSDIM solver {solver!r}; choose one of {SSDIM_SOLVERS}")
     if coverage not in (None, *COVERAGES):
         raise ValueError(f"unknown coverage {coverage!r}; choose one of {COVERAGES} or None")
-    if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or (
-            neighbours <= 0):
-        raise ValueError(f"neighbours must be a positive integer, got {neighbours!r}")
+    neighbours = _check_positive_int("neighbours", neighbours)
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}")
     if min(alpha, beta, gamma) < 0:
@@ -873,7 +875,7 @@ def ssdim(
     weights = (float(alpha), float(beta), float(gamma))
     surrogate = None
     if coverage == "knn":
-        surrogate = _NeighbourCoverage(*kernel.neighbours(min(int(neighbours), num_images)))
+        surrogate = _NeighbourCoverage(*kernel.neighbours(min(neighbours, num_images)))
     if solver == "greedy":
         return _plain_greedy(kernel, k, weights, energy, eps, surrogate)[0]
     return _three_stage(kernel, projections, energy, k, weights, eps, seed, surrogate)
@@ -1001,7 +1003,7 @@ def select_facility(unit_embeddings: np.ndarray, k: int, seed: int) -> np.ndarra
     Science 1977; greedy is within ``1 - 1/e`` (Nemhauser, Wolsey & Fisher 1978); lazy
     evaluation after Minoux 1978. The SSDIM objective with ``beta = gamma = 0``. Deterministic.
     """
-    kernel = _Kernel(unit_embeddings, dense=unit_embeddings.shape[0] < 20_000)
+    kernel = _Kernel(unit_embeddings, dense=unit_embeddings.shape[0] < KNN_FROM_IMAGES)
     energy = np.zeros(kernel.size)
     return _lazy_greedy(kernel, k, (1.0, 0.0, 0.0), energy, eps=1e-3)[0]
 

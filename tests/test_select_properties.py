@@ -87,7 +87,7 @@ def neighbour_gain(embeddings, subset: list[int], extra: int, count: int) -> flo
     kernel = selection._Kernel(unit, dense=False)
     surrogate = selection._NeighbourCoverage(*kernel.neighbours(count))
     for index in subset:
-        surrogate.add(index, kernel.rows(np.array([index]))[0])
+        surrogate.add(kernel.rows(np.array([index]))[0])
     return float(surrogate.gains(np.array([extra]))[0])
 
 
