@@ -20,7 +20,6 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -93,6 +92,10 @@ def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]) -> 
                        [(index, reason) for index, pixels, reason in items if pixels is None])
 
 
+def _on_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def default_num_workers(device: str | torch.device) -> int:
     """Decode processes for the embed DataLoader when none are configured.
 
@@ -102,7 +105,7 @@ def default_num_workers(device: str | torch.device) -> int:
     share the same cores, the flow already embeds several classes at once in threads, and
     workers would be processes started anew for every class.
     """
-    return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+    return min(8, os.cpu_count() or 1) if _on_cuda(device) else 0
 
 
 @functools.cache
@@ -145,26 +148,15 @@ def image_loader(dataset: ImageFiles, *, batch_size: int, num_workers: int,
 def prepare_model(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
     """Eval mode on ``device``; on CUDA channels_last weights, which the patch-embedding
     convolution runs fastest with (cuDNN's tensor-core kernels are NHWC)."""
-    model = model.eval().to(device)
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.eval().to(device, memory_format=torch.channels_last if _on_cuda(device)
+                           else torch.preserve_format)
 
 
 def to_device(pixels: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     """A (pinned) host batch to ``device`` without blocking; channels_last on CUDA to match
     :func:`prepare_model`."""
-    pixels = pixels.to(device, non_blocking=True)
-    if torch.device(device).type == "cuda":
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
-    return pixels
-
-
-def autocast(device: str | torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:
-    """Mixed precision on CUDA; CPU runs float32 (CPU autocast would be slower, not faster)."""
-    if torch.device(device).type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
+    return pixels.to(device, non_blocking=True, memory_format=torch.channels_last
+                     if _on_cuda(device) else torch.preserve_format)
 
 
 def load_inference_clip(name: str, pretrained: str, device: str) -> ClipBundle:
@@ -178,7 +170,8 @@ def load_inference_clip(name: str, pretrained: str, device: str) -> ClipBundle:
 def clip_features(model: torch.nn.Module, pixels: torch.Tensor, device: str | torch.device,
                   dtype: torch.dtype) -> torch.Tensor:
     """L2-normalised float32 image embeddings of one preprocessed batch, left on ``device``."""
-    with torch.inference_mode(), autocast(device, dtype):
+    # Mixed precision on CUDA only: CPU autocast would be slower, not faster.
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=_on_cuda(device)):
         features = model.encode_image(to_device(pixels, device))
     return torch.nn.functional.normalize(features.float(), dim=-1)
 
@@ -262,8 +255,9 @@ def choose_embedder(kind: str, *, clip_model: str, clip_pretrained: str, device:
             range(len(pixels)), limit, what=what)
         return np.concatenate(parts)
 
+    # clip_features already L2-normalises each batch: nothing is left to finish.
     return EmbedderChoice(f"clip:{clip_model}/{clip_pretrained}", bundle.preprocess, encode,
-                          l2_normalise, None, device, batch_size)
+                          lambda vectors: vectors, None, device, batch_size)
 
 
 @dataclass(frozen=True)
@@ -280,7 +274,7 @@ def embed_files(choice: EmbedderChoice, paths: Sequence[str], *,
     """Embed image files, decoded in ``num_workers`` DataLoader processes; files that fail to
     decode are left out of the vectors and returned in ``failed``."""
     dataset = ImageFiles(paths, choice.transform, storage_options, sha256)
-    pin = torch.device(choice.device).type == "cuda"
+    pin = _on_cuda(choice.device)
     kept: list[int] = []
     failed: list[tuple[int, str]] = []
     chunks: list[np.ndarray] = []
