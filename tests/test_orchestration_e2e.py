@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,16 +19,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 
 from gridistill.storage import RunStore
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+SCHEDULE_WAIT_SECONDS = 120
 BIN = Path(sys.executable).parent
 SECRET = "testing-secret-key"  # the moto fixture's throwaway AWS secret: must never be logged
+# An error record (Prefect's "| ERROR |", uvicorn's "ERROR:") or a traceback in a server log.
+SERVER_LOG_PROBLEM = re.compile(r"\|\s*ERROR\s*\||^ERROR:|^Traceback \(most recent call last\)",
+                                re.MULTILINE)
 
 
 @dataclass
@@ -90,6 +98,14 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> N
     raise TimeoutError(f"prefect server not healthy at {url} after {timeout}s")
 
 
+def server_log_problem(log: Path) -> str | None:
+    """The server's log from its first error record or traceback on, or None. The server logs
+    a failing background service (the scheduler, say) and carries on, so only its log shows it."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = SERVER_LOG_PROBLEM.search(text)
+    return None if found is None else text[text.rfind("\n", 0, found.start()) + 1:][:4000]
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, s3_endpoint) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("orchestration")
@@ -102,12 +118,30 @@ def stack(tmp_path_factory, s3_endpoint) -> Iterator[Stack]:
             "PYTHONPATH": str(REPO)}
     stack = Stack(api_url, env, home)
     try:
+        # The UI asks PREFECT_SERVER_API_PORT for its API, so it must match --port. A 5 s
+        # scheduler loop (default 60 s) keeps the scheduling test's wait short.
         server = stack.start("server", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port), PREFECT_HOME=str(home / "server"))
+                             "--port", str(port), PREFECT_HOME=str(home / "server"),
+                             PREFECT_SERVER_API_PORT=str(port),
+                             PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5")
         _wait_healthy(api_url, server)
         yield stack
     finally:
         stack.stop()
+    # Every test that used the server fails with it: this teardown error names the module.
+    problem = server_log_problem(home / "server.log")
+    assert problem is None, f"the prefect server logged an error:\n{problem}"
+
+
+def _wait_for_job_template(api_url: str, pool: str, timeout: float = 60) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + timeout
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        while not client.read_work_pool(pool).base_job_template:
+            assert time.monotonic() < deadline, f"no {pool} worker connected after {timeout}s"
+            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +159,9 @@ def deployed(stack: Stack, s3_endpoint) -> dict[str, str]:
                     "--type", "process", PREFECT_WORKER_QUERY_SECONDS="2",
                     PREFECT_HOME=str(worker_home),
                     PREFECT_LOCAL_STORAGE_PATH=str(worker_home / "results"))
+        # A worker fills in its new pool's job template as it connects; two at once collide on
+        # SQLite's single writer ("database is locked", an error in the server log).
+        _wait_for_job_template(stack.api_url, pool)
     stack.run("prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
               "deployments/prefect.yaml", timeout=180)
     return {"bucket": bucket, "endpoint": s3_endpoint}
@@ -245,3 +282,37 @@ def test_deployed_run_on_pools_then_ui_rerun_of_two_classes(stack, deployed, tin
     timings = store.read_parquet("timings.parquet")
     assert set(timings["status"]) == {"Cached", "Completed"}
     print(f"\nfirst run {first_seconds:.1f}s, UI-style rerun {rerun_seconds:.1f}s")
+
+
+def test_weekly_deployment_gets_scheduled_runs_at_its_cron_times(stack, deployed):
+    """The server's scheduler creates the weekly deployment's next runs at the times its cron
+    gives. With SQLAlchemy 2.1 every scheduler loop failed and no run was ever created."""
+    from cronsim import CronSim
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    [weekly] = [d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+                if d["name"] == "imagenet1k-weekly"]
+    [schedule] = weekly["schedules"]
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), \
+            get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("gridistill-pooled/imagenet1k-weekly")
+        [deployed_schedule] = deployment.schedules
+        assert deployed_schedule.active
+        assert deployed_schedule.schedule.cron == schedule["cron"]
+        runs_of_weekly = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(
+            any_=[deployment.id]))
+        deadline = time.monotonic() + SCHEDULE_WAIT_SECONDS
+        while not (runs := client.read_flow_runs(flow_run_filter=runs_of_weekly)):
+            assert time.monotonic() < deadline, (
+                f"no scheduled run of imagenet1k-weekly {SCHEDULE_WAIT_SECONDS} s after deploy;"
+                f" server log:\n{server_log_problem(stack.logs / 'server.log')}")
+            time.sleep(2)
+    assert {run.state.name for run in runs} == {"Scheduled"}
+    assert all(run.auto_scheduled for run in runs)
+    # The scheduler plans from its own clock, which started after the deployment was created.
+    cron_times = CronSim(schedule["cron"],
+                         deployment.created.astimezone(ZoneInfo(schedule["timezone"])))
+    expected = [next(cron_times) for _ in runs]
+    assert sorted(run.expected_start_time for run in runs) == expected
