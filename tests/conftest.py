@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +65,18 @@ def tiny_dataset(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
+def prefect_harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
+    from server_logs import children_write_to, server_log_problem
 
-    with prefect_test_harness(server_startup_timeout=180):
+    log = tmp_path_factory.mktemp("prefect-harness") / "server.log"
+    with ExitStack() as harness:
+        with children_write_to(log):  # the harness's server process inherits them
+            harness.enter_context(prefect_test_harness(server_startup_timeout=180))
         yield
+    # Every test that used the server fails with it: this teardown error names the last one.
+    problem = server_log_problem(log)
+    assert problem is None, f"the harness's prefect server logged an error:\n{problem}"
 
 
 def _free_port() -> int:

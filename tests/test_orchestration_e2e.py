@@ -5,10 +5,8 @@ nothing can pass through a shared local disk."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
+from server_logs import server_log_problem
 
 from gridistill.storage import RunStore
 
@@ -34,17 +33,6 @@ PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 SCHEDULE_WAIT_SECONDS = 120
 BIN = Path(sys.executable).parent
 SECRET = "testing-secret-key"  # the moto fixture's throwaway AWS secret: must never be logged
-# A server log's records start with Prefect's "HH:MM:SS.mmm | LEVEL |" or uvicorn's "ERROR:".
-LOG_RECORD = re.compile(r"^(?:\d\d:\d\d:\d\d\.\d+ \| |ERROR:)", re.MULTILINE)
-LOG_PROBLEM = re.compile(r"^\S+ \| ERROR|^ERROR:|^Traceback \(most recent call last\)",
-                         re.MULTILINE)
-# Prefect on SQLite (here; the compose file runs Postgres) logs a worker channel's write that
-# lost the race for SQLite's one writer, then retries it: the worker reconnects, and heartbeats
-# again 30 s later. Only these, ending in "database is locked", are tolerated.
-TRANSIENT_SQLITE_ERRORS = (
-    "prefect.server.api.workers - Worker channel setup failed due to a transient server error",
-    "prefect.server.utilities.worker_channel - Worker channel heartbeat persistence failed",
-)
 
 
 @dataclass
@@ -105,20 +93,6 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> N
             pass
         time.sleep(1)
     raise TimeoutError(f"prefect server not healthy at {url} after {timeout}s")
-
-
-def server_log_problem(log: Path) -> str | None:
-    """The server log's first error record or traceback, or None. The server logs a failing
-    background service (the scheduler, say) and carries on, so only its log shows it."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    starts = [0, *(match.start() for match in LOG_RECORD.finditer(text)), len(text)]
-    for start, end in itertools.pairwise(starts):
-        record = text[start:end]
-        transient = (any(message in record for message in TRANSIENT_SQLITE_ERRORS)
-                     and "(sqlite3.OperationalError) database is locked" in record)
-        if LOG_PROBLEM.search(record) and not transient:
-            return record[:4000]
-    return None
 
 
 @pytest.fixture(scope="module")
