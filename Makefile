@@ -14,7 +14,7 @@ DEMO_ARGS ?=
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,dask]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,dask,ray]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -181,7 +181,7 @@ def test_images_match_the_pinned_interpreter_and_torch():
 def test_optional_extras_are_pinned():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pins = constraints()
-    for extra in ("dask",):
+    for extra in ("dask", "ray"):
         for requirement in project["optional-dependencies"][extra]:
             name = re.split(r"[<>=\[ ;]", requirement)[0].lower().replace("_", "-")
             assert name in pins, f"{requirement} ({extra}) is not pinned in constraints.txt"
@@ -282,6 +282,30 @@ def test_dask_local_cluster_runs_the_class_fan_out(prefect_harness):
 
     runner = build_task_runner("dask", max_workers=1)
     assert fan_out.with_options(task_runner=runner)([1, 2, 3]) == [1, 4, 9]
+
+
+@pytest.mark.slow
+def test_ray_local_instance_runs_the_flow_as_the_thread_runner_does(prefect_harness,
+                                                                    tiny_dataset, tmp_path):
+    """`--task-runner ray` without an address: the class fan-out runs in the worker processes
+    of a local Ray instance and gives the thread runner's outputs (same machine, same inputs,
+    one torch thread per task either way: bit for bit)."""
+    from reliability.conftest import committed_files
+    from test_flow import tiny_config
+
+    from gridistill.cli import run_distill
+
+    metrics = {}
+    for runner in ("thread", "ray"):
+        config = tiny_config(tiny_dataset, str(tmp_path / runner), task_runner=runner,
+                             max_workers=2)
+        metrics[runner] = [(row["method"], row["top1_final_mean"])
+                           for row in run_distill(config)["metrics"]]
+    stages = ("dataset", "load", "embed", "select", "grids", "enhance")
+    on_threads, on_ray = (committed_files(tmp_path / r, stages) for r in ("thread", "ray"))
+    assert on_ray.keys() == on_threads.keys() and len(on_ray) > 3 * len(stages)
+    assert [path for path in on_ray if on_ray[path] != on_threads[path]] == []
+    assert metrics["ray"] == metrics["thread"]
 
 
 # -- refine-existing -------------------------------------------------------------------------
