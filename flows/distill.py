@@ -24,9 +24,10 @@ from tasks.embed import EmbedParams, choose_embedder, embed_class
 from tasks.enhance import EnhanceParams, enhance_class, load_enhancer
 from tasks.evaluate import (
     EvalParams,
-    TeacherParams,
+    check_imagenet_classes,
     evaluate_grids,
-    get_protocol,
+    teacher_params,
+    teacher_summary,
     train_teacher_on_pool,
 )
 from tasks.grids import GridParams, assemble_class_grids
@@ -58,8 +59,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     if config.refine:
         load_dit_for(refine)
     embedder = choose_embedder(config.embedder, clip_model=config.clip_model,
-                               clip_pretrained=config.clip_pretrained, device=device)
+                               clip_pretrained=config.clip_pretrained, device=device,
+                               classifier_checkpoint=config.classifier_checkpoint)
     notes = [f"EMBEDDER FALLBACK: {embedder.fallback_reason}"] if embedder.fallback_reason else []
+    teaching = teacher_params(config, device)
 
     dataset = index_dataset(store, IndexParams(
         data=config.data, test_data=config.test_data, class_list=config.class_list,
@@ -67,6 +70,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     classes = [name for name, _, _ in dataset.meta["classes"]]
     for name in classes if config.refine else ():
         imagenet_index(name)  # every class needs a DiT label before any GPU work
+    if teaching is not None and teaching.test_image_size is not None:
+        check_imagenet_classes(teaching.architecture, classes)  # before any data is read
     every = unmapped(store)
     # Per class, the dataset ref with only that class's row: Prefect walks every task's
     # parameters several times, so passing all classes to each task costs O(classes²).
@@ -78,13 +83,11 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     embedded = embed_class.map(every, classes, unmapped(EmbedParams(
         embedder=embedder.name.split(":")[0], clip_model=config.clip_model,
         clip_pretrained=config.clip_pretrained, device=device, progress=config.progress,
+        classifier_checkpoint=config.classifier_checkpoint,
     )), _each(loaded), config.forced("embed", classes))
-    protocol = get_protocol(config.eval_protocol)
-    teacher = [train_teacher_on_pool.submit(store, "all", TeacherParams(
-        checkpoint=config.teacher_checkpoint, architecture=config.teacher,
-        image_size=config.eval_image_size or protocol.image_size, seed=config.seed,
-        device=device, progress=config.progress,
-    ), [dataset], any(config.forced("teacher", classes)))] if protocol.labels == "teacher" else []
+    teacher = [train_teacher_on_pool.submit(
+        store, "all", teaching, [dataset], any(config.forced("teacher", classes))
+    )] if teaching is not None else []
     eval_params = EvalParams(
         student=config.eval_student, protocol=config.eval_protocol, grid_size=config.grid_size,
         image_size=config.eval_image_size, epochs=config.eval_epochs, ipc=config.ipc,
@@ -94,7 +97,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     evaluations: dict[str, PrefectFuture] = {}
     for method in config.methods:
         selected = select_class.map(every, classes, unmapped(SelectParams(
-            method=method, ipc=config.ipc, grid_size=config.grid_size, seed=config.seed,
+            method=method, ipc=config.ipc, grid_size=config.grid_size,
+            grid_selection=config.grid_selection, seed=config.seed,
         )), _each(embedded), config.forced("select", classes))
         grids = assemble_class_grids.map(every, classes, unmapped(GridParams(
             grid_size=config.grid_size, resolution=config.grid_resolution,
@@ -130,7 +134,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         store, dataset, [future.result() for future in evaluations.values()],
         {method: {stage: [f.result() for f in futures] for stage, futures in by_stage.items()
                   if stage != "select"} for method, by_stage in per_method.items()},
-        timings, notes, config.report_summary(embedder.name, with_teacher=bool(teacher)))
+        timings, notes, config.report_summary(f"{embedder.name} (weights: {embedder.weights})",
+                                              with_teacher=bool(teacher))
+        | ({"teacher": teacher_summary(teacher[0].result().meta)} if teacher else {}))
     log.info("report: %s", report_url)
     return {"report": report_url,
             "metrics": [f.result().meta["metrics"] | {"method": name}

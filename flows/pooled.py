@@ -203,13 +203,15 @@ def _embed(run: _SegmentRun) -> None:
     config = run.config
     # Resolved here, on the GPU worker, because that is where the CLIP weights are.
     choice = choose_embedder(config.embedder, clip_model=config.clip_model,
-                             clip_pretrained=config.clip_pretrained, device=run.device)
+                             clip_pretrained=config.clip_pretrained, device=run.device,
+                             classifier_checkpoint=config.classifier_checkpoint)
     if choice.fallback_reason:
         run.notes.append(f"EMBEDDER FALLBACK: {choice.fallback_reason}")
-    run.embedder = choice.name
+    run.embedder = f"{choice.name} (weights: {choice.weights})"
     run.fan_out("embed", embed_class, EmbedParams(
         embedder=choice.name.split(":")[0], clip_model=config.clip_model,
         clip_pretrained=config.clip_pretrained, device=run.device, progress=config.progress,
+        classifier_checkpoint=config.classifier_checkpoint,
     ), run.upstream("load"), "embed")
 
 
@@ -220,7 +222,8 @@ def _select_grids(run: _SegmentRun) -> None:
     config = run.config
     for method in config.methods:
         run.fan_out(f"select:{method}", select_class, SelectParams(
-            method=method, ipc=config.ipc, grid_size=config.grid_size, seed=config.seed,
+            method=method, ipc=config.ipc, grid_size=config.grid_size,
+            grid_selection=config.grid_selection, seed=config.seed,
         ), run.upstream("embed"), "select")
         selected = run.futures[f"select:{method}"]
         run.fan_out(f"grids:{method}", assemble_class_grids, GridParams(
@@ -276,25 +279,15 @@ def trained_on(config: DistillConfig) -> dict[str, str]:
 
 
 def _evaluate(run: _SegmentRun) -> None:
-    from tasks.evaluate import (
-        EvalParams,
-        TeacherParams,
-        evaluate_grids,
-        get_protocol,
-        train_teacher_on_pool,
-    )
+    from tasks.evaluate import EvalParams, evaluate_grids, teacher_params, train_teacher_on_pool
 
     config, request = run.config, run.request
     dataset = request.dataset
-    protocol = get_protocol(config.eval_protocol)
-    # Soft-label protocols need a teacher trained on the real pool; a GPU stage, so here.
+    teaching = teacher_params(config, run.device)
+    # Soft-label protocols need a teacher (packaged, or trained on the pool); a GPU stage.
     teacher = [_with_storage(train_teacher_on_pool, config).submit(
-        run.store, "all", TeacherParams(
-            checkpoint=config.teacher_checkpoint, architecture=config.teacher,
-            image_size=config.eval_image_size or protocol.image_size, seed=config.seed,
-            device=run.device, progress=config.progress,
-        ), [dataset], any(config.forced("teacher", request.classes)),
-    )] if protocol.labels == "teacher" else []
+        run.store, "all", teaching, [dataset], any(config.forced("teacher", request.classes)),
+    )] if teaching is not None else []
     if teacher:
         run.futures["teacher"] = {"all": teacher[0]}
     force = any(config.forced("evaluate", request.classes))
@@ -445,6 +438,11 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
 
         for name in classes:
             imagenet_index(name)  # every class needs a DiT label before any GPU work
+    from tasks.evaluate import check_imagenet_classes, teacher_params, teacher_summary
+
+    teaching = teacher_params(config, "cpu")
+    if teaching is not None and teaching.test_image_size is not None:
+        check_imagenet_classes(teaching.architecture, classes)  # before any segment starts
     run_id = str(flow_run.get_id() or "local")
     plan = plan_runs(classes, pools.classes_per_run)
     total_runs = sum(len(planned.chunks) for planned in plan)
@@ -486,7 +484,8 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
         store=store, dataset=dataset, evaluations=evaluations,
         artifacts=per_method_artifacts(refs, config.methods, classes), timings=timings,
         notes=notes, summary=config.report_summary(embedder, with_teacher="teacher" in refs) | {
-            "classes": len(classes), "pools": f"{pools.cpu_deployment}, {pools.gpu_deployment}"})
+            "classes": len(classes), "pools": f"{pools.cpu_deployment}, {pools.gpu_deployment}"}
+        | ({"teacher": teacher_summary(refs["teacher"]["all"].meta)} if "teacher" in refs else {}))
     _publish_links(run_store.url(""), refs)
     log.info("report: %s", report_url)
     return {"report": report_url,

@@ -46,11 +46,16 @@ class DistillConfig(BaseModel):
     grid_size: int = Field(4, ge=1, description="L: each grid holds L x L selected images.")
     methods: list[str] = Field(default_factory=lambda: ["ssdim", "random"],
                                description="Selection methods to distil and compare.")
+    grid_selection: Literal["sequential", "joint"] = Field("sequential", description=(
+        "sequential: each grid is selected from what earlier grids left of the class (the "
+        "paper); joint: IPC x L x L images are selected at once and dealt into grids."))
     seed: int = Field(0, description="Seed for selection, hold-out split and training.")
     holdout_share: float = Field(0.2, ge=0.0, lt=1.0, description=(
         "Share of each class held out for testing when no test data is given."))
-    embedder: Literal["auto", "clip", "pixels-pca"] = Field("auto", description=(
-        "auto: CLIP when its weights are present, else pixels-pca with a loud warning."))
+    embedder: Literal["auto", "clip", "efficientnet-lite0", "pixels-pca"] = Field(
+        "auto", description=(
+            "auto: CLIP when its weights are present, else the packaged ImageNet-1K "
+            "EfficientNet-Lite0, else pixels-pca with a loud warning."))
     clip_model: str = Field("ViT-B-32", description="open_clip model name.")
     clip_pretrained: str = Field("laion2b_s34b_b79k", description=(
         "open_clip pretrained tag, or a local checkpoint file."))
@@ -71,9 +76,14 @@ class DistillConfig(BaseModel):
     eval_epochs: int | None = Field(None, ge=1, description="Override the protocol's epochs.")
     eval_seeds: int = Field(3, ge=1, description="Students trained per set (mean ± std).")
     teacher: str = Field("resnet18", description=(
-        "Soft-label protocols (rded): the teacher architecture, trained on the real pool."))
+        "Soft-label protocols (rded, cpu-soft): efficientnet-lite0 (the packaged ImageNet-1K "
+        "network, its logits restricted to the dataset's WNIDs), or an architecture trained "
+        "on the real pool (for data outside ImageNet)."))
     teacher_checkpoint: str | None = Field(None, description=(
         "Soft-label protocols: a saved teacher to use instead (class order is checked)."))
+    classifier_checkpoint: str | None = Field(None, description=(
+        "EfficientNet-Lite0 weights (lukemelas or timm layout) to use instead of the packaged "
+        "ones, for the efficientnet-lite0 embedder and teacher."))
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_workers: int | None = Field(None, ge=1, description=(
         "Concurrent class tasks (default: the machine's CPU count, at most 8)."))
@@ -142,7 +152,8 @@ class DistillConfig(BaseModel):
         return {
             "data": self.data, "test data": self.test_data or "held out from data",
             "ipc": self.ipc, "embedder": embedder,
-            "grid": f"{self.grid_size}x{self.grid_size} at {self.grid_resolution}px",
+            "grid": f"{self.grid_size}x{self.grid_size} at {self.grid_resolution}px, "
+                    f"{self.grid_selection} selection",
             "enhance": f"{', '.join(self.enhance)} x{self.enhance_scale}",
             "refine": f"DIVER ({self.dit_model}, gamma={self.refine_gamma})"
             if self.refine else "off",

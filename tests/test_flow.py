@@ -146,3 +146,29 @@ def test_flow_rded_protocol_trains_a_teacher_and_uses_it(prefect_harness, tiny_d
     assert store.exists(f"{teacher_folder}/teacher.safetensors")
     assert store.read_bytes("accuracy.png").startswith(b"\x89PNG")
     assert "teacher convnet_d3" in store.read_bytes("report.md").decode()
+
+
+def test_packaged_teacher_refuses_classes_that_are_not_wnids_before_loading(
+        prefect_harness, tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, str(tmp_path / "run"), eval_protocol="cpu-soft",
+                         teacher="efficientnet-lite0")
+    with pytest.raises(ValueError, match=r"not ImageNet WNIDs: \['alpha', 'beta', 'gamma'\]"):
+        distill(config)
+    assert not RunStore(config.out).list("load")
+
+
+def test_packaged_embedder_and_teacher_on_wnid_classes(prefect_harness, tiny_dataset, tmp_path):
+    wnids = {"alpha": "n01440764", "beta": "n02102040", "gamma": "n02979186"}
+    for split in ("train", "test"):
+        for name, wnid in wnids.items():
+            (tiny_dataset[split] / name).rename(tiny_dataset[split] / wnid)
+    config = tiny_config(tiny_dataset, str(tmp_path / "run"), eval_protocol="cpu-soft",
+                         teacher="efficientnet-lite0", embedder="auto", methods=["ssdim"])
+    result = distill(config)
+    store = RunStore(config.out)
+    report = store.read_bytes("report.md").decode()
+    assert "efficientnet-lite0 (weights: " in report  # the embedder and where its weights are
+    assert "**teacher**: efficientnet-lite0 (" in report and "on the real test images" in report
+    [embed_folder] = store.list(f"embed/{wnids['alpha']}")
+    assert store.read_parquet(f"{embed_folder}/embeddings.parquet")["embedding"].iat[0].size == 1280
+    assert result["metrics"][0]["protocol"] == "cpu-soft"
