@@ -10,8 +10,9 @@ the same arithmetic as trained ones): ``tiny`` is a 2-layer, 64-wide ViT/32 regi
 
 - **decode**: read + sha256 + decode + open_clip's eval preprocessing (resize 224 bicubic,
   centre crop, normalise) in ``--workers`` DataLoader worker processes (0: in this process),
-  through the embed stage's own Dataset and loader (``tasks.embed.ImageFiles``). On CUDA also
-  ``torchvision.io.decode_jpeg`` on the GPU (nvJPEG, batched) with resize/crop on the GPU.
+  through the embed stage's own Dataset and loader (``tasks.embed.ImageFiles``). On CUDA (or
+  with ``--device-decode``) also ``torchvision.io.decode_jpeg`` on the device (nvJPEG, batched)
+  with resize/crop there, alone and end to end.
 - **model**: a preprocessed batch already on the device through ``encode_image``, repeated.
 - **end to end**: files -> DataLoader -> device -> ``encode_image`` -> L2-normalised float16
   embeddings on the host, i.e. what the embed stage has to produce.
@@ -27,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing.forkserver
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from tasks.embed import (  # noqa: E402
     image_loader,
     prepare_model,
     to_device,
+    worker_context,
 )
 
 DEFAULT_DATA = "/work/shared/data/imagenette/public/train"
@@ -124,26 +127,25 @@ def decode_rate(paths: list[str], preprocess: Transform, batch_size: int, worker
     return timed(run, device)
 
 
-def gpu_decode_rate(paths: list[str], batch_size: int, device: torch.device) -> float:
-    """nvJPEG batched decode + resize/crop/normalise on the GPU; file reads on the host."""
+def device_decoded(paths: list[str], batch_size: int, device: torch.device,
+                   ) -> Iterator[torch.Tensor]:
+    """Batches decoded by ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG, batched, on
+    CUDA), resized, cropped and normalised there; file reads on the host."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
     from torchvision.transforms.v2 import functional as F
 
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
+    for start in range(0, len(paths), batch_size):
+        data = [read_file(p) for p in paths[start:start + batch_size]]
+        images = decode_jpeg(data, device=device, mode=ImageReadMode.RGB)
+        images = [F.center_crop(F.resize(im, [224], antialias=True), [224, 224])
+                  for im in images]
+        yield (torch.stack(images).float() / 255 - mean) / std
 
-    def run() -> int:
-        count = 0
-        for start in range(0, len(paths), batch_size):
-            data = [read_file(p) for p in paths[start:start + batch_size]]
-            images = decode_jpeg(data, device=device, mode=ImageReadMode.RGB)
-            images = [F.center_crop(F.resize(im, [224], antialias=True), [224, 224])
-                      for im in images]
-            batch = (torch.stack(images).float() / 255 - mean) / std
-            count += len(batch)
-        return count
 
-    return timed(run, device)
+def device_decode_rate(paths: list[str], batch_size: int, device: torch.device) -> float:
+    return timed(lambda: sum(len(b) for b in device_decoded(paths, batch_size, device)), device)
 
 
 def model_rate(model: torch.nn.Module, batch: torch.Tensor, device: torch.device,
@@ -158,19 +160,24 @@ def model_rate(model: torch.nn.Module, batch: torch.Tensor, device: torch.device
     return timed(run, device)
 
 
-def end_to_end_rate(model: torch.nn.Module, paths: list[str], preprocess: Transform,
-                    batch_size: int, workers: int, device: torch.device, dtype: torch.dtype,
-                    ) -> tuple[float, np.ndarray]:
+def end_to_end_rate(model: torch.nn.Module, batches: Callable[[], Iterable[torch.Tensor]],
+                    device: torch.device, dtype: torch.dtype) -> tuple[float, np.ndarray]:
     embeddings: list[np.ndarray] = []
 
     def run() -> int:
-        for batch in loader(paths, preprocess, batch_size, workers, device):
-            vectors = embed_batch(model, batch.pixels, device, dtype)
-            embeddings.append(vectors.cpu().numpy())
+        for pixels in batches():
+            embeddings.append(embed_batch(model, pixels, device, dtype).cpu().numpy())
         return sum(len(e) for e in embeddings)
 
     rate = timed(run, device)
     return rate, np.concatenate(embeddings)
+
+
+def check_unit_vectors(name: str, vectors: np.ndarray, count: int) -> None:
+    norms = np.linalg.norm(vectors.astype(np.float32), axis=1)
+    if vectors.shape[0] != count or not np.allclose(norms, 1.0, atol=1e-2):
+        raise AssertionError(f"{name}: {vectors.shape} embeddings, norms {norms.min()}-"
+                             f"{norms.max()}: not one unit vector per image")
 
 
 def measure(name: str, paths: list[str], args: argparse.Namespace, device: torch.device,
@@ -179,12 +186,17 @@ def measure(name: str, paths: list[str], args: argparse.Namespace, device: torch
     params = sum(p.numel() for p in model.visual.parameters()) / 1e6
     setting = dict(model=f"{name} ({params:.1f} M)", batch=args.batch_size, workers=args.workers,
                    dtype=str(dtype).removeprefix("torch.") if device.type == "cuda" else "float32")
+    if args.workers:  # the fork server that workers come from starts once, untimed
+        worker_context()
+        multiprocessing.forkserver.ensure_running()
     rows = [setting | {"measure": "decode + preprocess (DataLoader)",
                        "images/s": decode_rate(paths, preprocess, args.batch_size, args.workers,
                                                device)}]
-    if device.type == "cuda":
-        rows.append(setting | {"measure": "decode on GPU (nvJPEG) + GPU resize",
-                               "images/s": gpu_decode_rate(paths, args.batch_size, device)})
+    on_device = device.type == "cuda" if args.device_decode is None else args.device_decode
+    if on_device:
+        device_decode_rate(paths[:args.batch_size], args.batch_size, device)  # nvJPEG start-up
+        rows.append(setting | {"measure": f"decode_jpeg on {device.type} + resize there",
+                               "images/s": device_decode_rate(paths, args.batch_size, device)})
     with torch.inference_mode():
         files = ImageFiles(paths, preprocess)
         batch = to_device(torch.stack([files[i][1] for i in range(min(args.batch_size,
@@ -192,14 +204,18 @@ def measure(name: str, paths: list[str], args: argparse.Namespace, device: torch
         rows.append(setting | {"measure": "model alone (encode_image)",
                                "images/s": model_rate(model, batch, device, dtype,
                                                       args.model_repeats)})
-        rate, vectors = end_to_end_rate(model, paths, preprocess, args.batch_size, args.workers,
-                                        device, dtype)
-    norms = np.linalg.norm(vectors.astype(np.float32), axis=1)
-    if vectors.shape[0] != len(paths) or not np.allclose(norms, 1.0, atol=1e-2):
-        raise AssertionError(f"{name}: {vectors.shape} embeddings, norms {norms.min()}-"
-                             f"{norms.max()}: not one unit vector per image")
-    rows.append(setting | {"measure": "end to end (files -> fp16 L2 embeddings)",
-                           "images/s": rate})
+        rate, vectors = end_to_end_rate(
+            model, lambda: (b.pixels for b in loader(paths, preprocess, args.batch_size,
+                                                     args.workers, device)), device, dtype)
+        check_unit_vectors(name, vectors, len(paths))
+        rows.append(setting | {"measure": "end to end (files -> fp16 L2 embeddings)",
+                               "images/s": rate})
+        if on_device:
+            rate, vectors = end_to_end_rate(
+                model, lambda: device_decoded(paths, args.batch_size, device), device, dtype)
+            check_unit_vectors(name, vectors, len(paths))
+            rows.append(setting | {"workers": 0, "images/s": rate,
+                                   "measure": f"end to end, decode_jpeg on {device.type}"})
     return rows
 
 
@@ -214,6 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                         help="DataLoader decode processes (0 = in the main process)")
+    parser.add_argument("--device-decode", action=argparse.BooleanOptionalAction, default=None,
+                        help="also decode with torchvision.io.decode_jpeg on --device, alone "
+                        "and end to end (default: on CUDA only)")
     parser.add_argument("--model-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)

@@ -12,7 +12,7 @@ Inputs:
   stand in for CLIP embeddings: real, but much less semantic.
 
 Usage: OPENBLAS_NUM_THREADS=1 python benchmarks/selection.py [--repeats 5] [--data PATH]
-       [--device cpu|cuda] [--large [--reference]]
+       [--device cpu|cuda] [--sizes 300 1300 5000] [--large [--reference]]
 Plain greedy takes O(k M^2); at M >= 5000 it is timed once (marked in the table). On a shared
 CPU, single-threaded BLAS is faster and far steadier: OpenBLAS threads spin-wait for a core.
 
@@ -40,6 +40,8 @@ from PIL import Image
 from tasks import select as selection
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/imagenette/public/train"
+# Synthetic inputs: pool size M -> (dimension d, subset size k, seed).
+SYNTHETIC = {300: (128, 40, 0), 1300: (512, 160, 1), 5000: (512, 160, 2)}
 
 
 def clustered_embeddings(num_images: int, dim: int, seed: int) -> np.ndarray:
@@ -154,6 +156,8 @@ def main() -> None:
                         help="Imagenette train folder (one sub-folder per class)")
     parser.add_argument("--device", default=None,
                         help="also time ssdim with the torch backend on this device")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SYNTHETIC),
+                        choices=list(SYNTHETIC), help="synthetic pool sizes M to run")
     parser.add_argument("--large", action="store_true",
                         help="add the M=20000 and 50000 table (a few minutes)")
     parser.add_argument("--reference", action="store_true",
@@ -164,11 +168,8 @@ def main() -> None:
 
         torch.set_num_threads(1)
 
-    inputs = [
-        ("synthetic", clustered_embeddings(300, 128, seed=0), 40),
-        ("synthetic", clustered_embeddings(1300, 512, seed=1), 160),
-        ("synthetic", clustered_embeddings(5000, 512, seed=2), 160),
-    ]
+    inputs = [("synthetic", clustered_embeddings(size, dim, seed=seed), k)
+              for size, (dim, k, seed) in SYNTHETIC.items() if size in args.sizes]
     class_dirs = sorted(path for path in args.data.glob("*") if path.is_dir())
     if class_dirs:
         inputs.append((f"imagenette/{class_dirs[0].name} pixels+PCA",
