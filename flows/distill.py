@@ -34,7 +34,7 @@ from tasks.grids import GridParams, assemble_class_grids
 from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
 from tasks.refine import RefineParams, imagenet_index, load_dit_for, refine_class
 from tasks.report import skip_notes, write_report
-from tasks.select import SelectParams, select_class
+from tasks.select import SelectParams, cells_per_side, select_class
 
 
 def _each(futures: list[PrefectFuture]) -> list[list[PrefectFuture]]:
@@ -88,20 +88,22 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     teacher = [train_teacher_on_pool.submit(
         store, "all", teaching, [dataset], any(config.forced("teacher", classes))
     )] if teaching is not None else []
-    eval_params = EvalParams(
-        student=config.eval_student, protocol=config.eval_protocol, grid_size=config.grid_size,
-        image_size=config.eval_image_size, epochs=config.eval_epochs, ipc=config.ipc,
-        seeds=config.eval_seeds, seed=config.seed, num_classes=dataset.meta["num_classes"],
-        device=device, progress=config.progress)
     per_method: dict[str, dict[str, list[PrefectFuture]]] = {}
     evaluations: dict[str, PrefectFuture] = {}
     for method in config.methods:
+        side = cells_per_side(method, config.grid_size)
+        eval_params = EvalParams(
+            student=config.eval_student, protocol=config.eval_protocol,
+            grid_size=side if side > 1 else None, image_size=config.eval_image_size,
+            epochs=config.eval_epochs, ipc=config.ipc, seeds=config.eval_seeds,
+            seed=config.seed, num_classes=dataset.meta["num_classes"], device=device,
+            progress=config.progress)
         selected = select_class.map(every, classes, unmapped(SelectParams(
-            method=method, ipc=config.ipc, grid_size=config.grid_size,
+            method=method, ipc=config.ipc, grid_size=side,
             grid_selection=config.grid_selection, seed=config.seed,
         )), _each(embedded), config.forced("select", classes))
         grids = assemble_class_grids.map(every, classes, unmapped(GridParams(
-            grid_size=config.grid_size, resolution=config.grid_resolution,
+            grid_size=side, resolution=config.grid_resolution,
         )), _each(selected), config.forced("grids", classes))
         per_method[method] = {"select": selected, "grids": grids}
         trained_on: dict[str, list[PrefectFuture]] = {}

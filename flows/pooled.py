@@ -217,17 +217,18 @@ def _embed(run: _SegmentRun) -> None:
 
 def _select_grids(run: _SegmentRun) -> None:
     from tasks.grids import GridParams, assemble_class_grids
-    from tasks.select import SelectParams, select_class
+    from tasks.select import SelectParams, cells_per_side, select_class
 
     config = run.config
     for method in config.methods:
+        side = cells_per_side(method, config.grid_size)
         run.fan_out(f"select:{method}", select_class, SelectParams(
-            method=method, ipc=config.ipc, grid_size=config.grid_size,
+            method=method, ipc=config.ipc, grid_size=side,
             grid_selection=config.grid_selection, seed=config.seed,
         ), run.upstream("embed"), "select")
         selected = run.futures[f"select:{method}"]
         run.fan_out(f"grids:{method}", assemble_class_grids, GridParams(
-            grid_size=config.grid_size, resolution=config.grid_resolution,
+            grid_size=side, resolution=config.grid_resolution,
         ), [[selected[name]] for name in run.request.classes], "grids")
 
 
@@ -280,6 +281,7 @@ def trained_on(config: DistillConfig) -> dict[str, str]:
 
 def _evaluate(run: _SegmentRun) -> None:
     from tasks.evaluate import EvalParams, evaluate_grids, teacher_params, train_teacher_on_pool
+    from tasks.select import cells_per_side
 
     config, request = run.config, run.request
     dataset = request.dataset
@@ -293,10 +295,11 @@ def _evaluate(run: _SegmentRun) -> None:
     force = any(config.forced("evaluate", request.classes))
     evaluations = {}
     for name, label in trained_on(config).items():
+        side = cells_per_side(label.partition(":")[2], config.grid_size)
         evaluations[name] = _with_storage(evaluate_grids, config).submit(
             run.store, name, EvalParams(
                 student=config.eval_student, protocol=config.eval_protocol,
-                grid_size=config.grid_size, image_size=config.eval_image_size,
+                grid_size=side if side > 1 else None, image_size=config.eval_image_size,
                 epochs=config.eval_epochs, ipc=config.ipc, seeds=config.eval_seeds,
                 seed=config.seed, num_classes=dataset.meta["num_classes"], device=run.device,
                 progress=config.progress,

@@ -44,8 +44,11 @@ class DistillConfig(BaseModel):
         "of the same data reuses every finished stage."))
     ipc: int = Field(1, ge=1, description="Distilled images (grids) per class.")
     grid_size: int = Field(4, ge=1, description="L: each grid holds L x L selected images.")
-    methods: list[str] = Field(default_factory=lambda: ["ssdim", "random"],
-                               description="Selection methods to distil and compare.")
+    methods: list[str] = Field(
+        default_factory=lambda: ["ssdim", "random", "random-real"], description=(
+            "Selection methods to distil and compare (grids of ssdim, random, kcenter, herding, "
+            "kmeans, facility, logdet), and random-real: IPC random photos per class, the "
+            "field's random baseline."))
     grid_selection: Literal["sequential", "joint"] = Field("sequential", description=(
         "sequential: each grid is selected from what earlier grids left of the class (the "
         "paper); joint: IPC x L x L images are selected at once and dealt into grids."))

@@ -86,6 +86,17 @@ def storage_rows(store: RunStore, artifacts: dict[str, dict[str, list[ArtifactRe
     return pd.DataFrame(rows)
 
 
+def with_improvement_over_random(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Adds DD-Ranking's improvement over random (IOR, points of final top-1 over the
+    ``random-real`` set of the same run) when that baseline was evaluated."""
+    from tasks.select import REAL_IMAGES
+
+    baseline = metrics.loc[metrics["method"] == REAL_IMAGES, "top1_final_mean"]
+    if baseline.empty:
+        return metrics
+    return metrics.assign(ior_vs_random_real=metrics["top1_final_mean"] - baseline.iloc[0])
+
+
 def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, storage: pd.DataFrame,
                   sheets: dict[str, str], notes: Sequence[str], summary: dict[str, Any]) -> str:
     """Markdown: setup, warnings, accuracy per method, contact sheets, storage, timings."""
@@ -121,7 +132,8 @@ def write_report(store: StoreSpec, dataset: ArtifactRef, evaluations: list[Artif
     ``artifacts`` is {method: {stage: per-class refs}} for the grids and derived stages."""
     run_store: RunStore = store.open()
     labels = {name: label for name, label, _ in dataset.meta["classes"]}
-    metrics = pd.DataFrame([{"method": ref.scope, **ref.meta["metrics"]} for ref in evaluations])
+    metrics = with_improvement_over_random(
+        pd.DataFrame([{"method": ref.scope, **ref.meta["metrics"]} for ref in evaluations]))
     timing_frame = pd.DataFrame(timings)
     sheets = {}
     for method, stages in artifacts.items():

@@ -1152,6 +1152,14 @@ def partition_into_grids(
 
 
 GRID_SELECTIONS: tuple[str, ...] = ("sequential", "joint")
+# The field's random baseline (DD-Ranking's "rdm", the peers' "random"): IPC random photos per
+# class, each stored and trained on as a photo (a 1 x 1 grid), not packed into a grid.
+REAL_IMAGES = "random-real"
+
+
+def cells_per_side(method: str, grid_size: int) -> int:
+    """The grid side ``method`` distils with: 1 for :data:`REAL_IMAGES`, else ``grid_size``."""
+    return 1 if method == REAL_IMAGES else grid_size
 
 
 def select_grids(
@@ -1231,8 +1239,9 @@ def select_class(store: RunStore, folder: str, scope: str, params: SelectParams,
     table, vectors = read_embeddings(store, embedded)
     cells = params.grid_size**2
     # Classes already run in parallel: extra BLAS threads only wait for busy cores (10x slower).
+    selector = "random" if params.method == REAL_IMAGES else params.method
     with threadpool_limits(1):
-        grids = select_grids(params.method, vectors, params.ipc, cells, seed=params.seed,
+        grids = select_grids(selector, vectors, params.ipc, cells, seed=params.seed,
                              grid_selection=params.grid_selection)
     rows = [(g, c, int(table["image_id"].iat[i]), table["path"].iat[i])
             for g, members in enumerate(grids) for c, i in enumerate(members)]

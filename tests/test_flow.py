@@ -163,12 +163,17 @@ def test_packaged_embedder_and_teacher_on_wnid_classes(prefect_harness, tiny_dat
         for name, wnid in wnids.items():
             (tiny_dataset[split] / name).rename(tiny_dataset[split] / wnid)
     config = tiny_config(tiny_dataset, str(tmp_path / "run"), eval_protocol="cpu-soft",
-                         teacher="efficientnet-lite0", embedder="auto", methods=["ssdim"])
+                         teacher="efficientnet-lite0", embedder="auto",
+                         methods=["ssdim", "random-real"])
     result = distill(config)
     store = RunStore(config.out)
     report = store.read_bytes("report.md").decode()
+    assert "ior_vs_random_real" in report
+    for folder in store.list(f"select/{wnids['beta']}"):
+        selection = store.read_parquet(f"{folder}/selection.parquet")
+        assert len(selection) in (1, 4)  # random-real: one photo (1 x 1); ssdim: a 2 x 2 grid
     assert "efficientnet-lite0 (weights: " in report  # the embedder and where its weights are
     assert "**teacher**: efficientnet-lite0 (" in report and "on the real test images" in report
     [embed_folder] = store.list(f"embed/{wnids['alpha']}")
     assert store.read_parquet(f"{embed_folder}/embeddings.parquet")["embedding"].iat[0].size == 1280
-    assert result["metrics"][0]["protocol"] == "cpu-soft"
+    assert {row["protocol"] for row in result["metrics"]} == {"cpu-soft"}
