@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", default=str(REPO / ".gpu_wheels"),
                         help="folder of wheels to install first, or 'none' (a full venv)")
     parser.add_argument("--work", type=Path, default=None,
-                        help="scratch folder (default: a new temporary one)")
+                        help="scratch folder, left in place (default: a new temporary one)")
     parser.add_argument("--budget", type=float, default=450.0,
                         help="seconds for all steps together; later steps get what is left")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=None,
