@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from flows.pooled import redact, segment_device
 from gridistill.cli_refine import add_refine_parser, run_refine
-from gridistill.distilled_sets import INPUT_KINDS, NORMALIZATIONS, SUBSET_PRESETS
+from gridistill.distilled_sets import InputKind, Normalization, SubsetPreset
 
 
 class RefineRequest(BaseModel):
@@ -33,17 +33,18 @@ class RefineRequest(BaseModel):
     input_url: str = Field(description="Distilled set: ImageFolder, run root, .pt or .npz URL.")
     out: str = Field(description="Where the refined ImageFolder goes (local path or URL); "
                                  "must be empty or new.")
-    input_kind: str = Field("auto", description=f"One of {INPUT_KINDS}.")
+    input_kind: InputKind = Field("auto", description="auto: detected from the input.")
     method: str | None = Field(None, description="Which distilled set of a run root (e.g. ssdim).")
     labels_url: str | None = Field(None, description="MTT labels file, when not beside it.")
-    normalization: str | None = Field(None, description=(
-        f"Mean/std of float tensor sets: one of {sorted(NORMALIZATIONS)}."))
-    classes_preset: str | None = Field(None, description=(
-        f"Class i -> ImageNet-1K label: one of {sorted(SUBSET_PRESETS)}."))
+    normalization: Normalization | None = Field(None, description=(
+        "Mean/std the float tensor sets were normalised with (none: already in [0, 1])."))
+    classes_preset: SubsetPreset | None = Field(None, description=(
+        "Maps class i to its ImageNet-1K label, in the MTT/GLaD/DATM class order."))
     wnids_url: str | None = Field(None, description="File: one WNID per line (line i = class i).")
     dit: str = Field("facebook/DiT-XL-2-256", description="DiT hub id or local directory.")
     vae: str = Field("stabilityai/sd-vae-ft-mse", description="VAE hub id or local directory.")
-    device: str = Field("auto", description="auto | cuda | cuda:N | cpu (CPU only on request).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description=(
+        "auto, cuda, cuda:N or cpu (the CPU only on request)."))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_steps: int = Field(50, ge=1)
     t_f: int = Field(25, ge=1)

@@ -7,15 +7,36 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import typing
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import ValidationError
 
 # A first ephemeral Prefect server on a fresh machine takes ~20-30 s to start, over Prefect's
 # 20 s default; set before Prefect is imported. An explicit user setting wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from gridistill.config import DistillConfig  # noqa: E402  (after the env default above)
+
+
+class UsageError(Exception):
+    """A mistake in the command line, found before any work: one line, exit code 2."""
+
+
+def fail(message: str) -> NoReturn:
+    print(f"gridistill: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    # One line rather than argparse's usage block: `run` has too many options to repeat them.
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see: {self.prog} --help)")
 
 
 def _option_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
@@ -25,7 +46,8 @@ def _option_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     if origin is typing.Literal:
         return str, {"choices": list(typing.get_args(annotation))}
     if origin is list:
-        return args[0], {"nargs": "+"}
+        kind, extra = _option_type(args[0])
+        return kind, {**extra, "nargs": "+"}
     if origin is dict:
         return json.loads, {}
     if args and origin is not None:  # Optional[X]
@@ -48,7 +70,62 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     given = {name: getattr(args, name) for name in DistillConfig.model_fields}
-    return DistillConfig(**{k: v for k, v in given.items() if v is not None})
+    try:
+        return DistillConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise UsageError(_one_line(exc)) from None
+
+
+def _one_line(error: ValidationError) -> str:
+    """Each failed check as ``--option: message (got value)``, on one line."""
+    parts = []
+    for item in error.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else f"--{p.replace('_', '-')}"
+                        for p in item["loc"])
+        got = "" if item["type"].startswith("value_error") else f" (got {item['input']!r})"
+        parts.append(f"{where + ': ' if where else ''}{item['msg']}{got}")
+    return "; ".join(parts)
+
+
+def _reach(flag: str, url: str,
+           options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """The filesystem and path of ``url``, and whether it exists; failing to ask is an error."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        return fs, path, fs.exists(path)
+    except Exception as exc:  # unknown protocol, network, credentials...
+        raise UsageError(f"{flag} {url}: cannot reach it ({type(exc).__name__}: {exc})") from None
+
+
+def check_locations(config: DistillConfig) -> None:
+    """What the run needs from outside, checked before Prefect starts: the data and test data
+    exist, the class list reads, the run root can be written (local) or reached (URL)."""
+    options = config.storage_options
+    for flag, url in (("--data", config.data), ("--test-data", config.test_data)):
+        if url is not None:
+            if not _reach(flag, url, options)[2]:
+                raise UsageError(f"{flag} {url}: no such directory or manifest")
+    if config.class_list is not None:
+        fs, path, _ = _reach("--class-list", config.class_list, options)
+        try:
+            with fs.open(path, "rt") as file:
+                names = file.read().split()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--class-list {config.class_list}: cannot read it "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not names:
+            raise UsageError(f"--class-list {config.class_list}: names no class")
+    fs, path, _ = _reach("--out", config.out, options)
+    if isinstance(fs, LocalFileSystem):
+        existing = Path(path)
+        while not existing.exists():
+            existing = existing.parent
+        try:  # a real write: permission bits say nothing for root or on read-only mounts
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise UsageError(f"--out {config.out}: cannot write in {existing} "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 def run_distill(config: DistillConfig) -> dict[str, Any]:
@@ -65,6 +142,7 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_locations(config)
     where = os.environ.get("PREFECT_API_URL") or "an embedded temporary Prefect server"
     print(f"gridistill: distilling {config.data} -> {config.out} (Prefect: {where})")
     started = time.perf_counter()
@@ -79,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gridistill", description=__doc__)
+    parser = _Parser(prog="gridistill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="distil a dataset end to end (Prefect flow)",
                               description=DistillConfig.__doc__)
@@ -93,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        fail(str(exc))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from gridistill.choices import (
+    Embedder,
+    EnhanceBackend,
+    EvalProtocol,
+    SelectionMethod,
+    Student,
+    Teacher,
+)
 from gridistill.storage import content_key
 
 # Option names that hold credentials (s3fs: key, secret, token; others: password...).
@@ -40,22 +48,24 @@ class DistillConfig(BaseModel):
         "File fixing the class order (one name/WNID per line, or a CSV with a wnid column). "
         "Default: sorted folder names; the embedded sample uses its classes.csv."))
     out: str | None = Field(None, description=(
-        "Run root (local path or fsspec URL). Default: ./runs/<data name>-<hash>, so a rerun "
-        "of the same data reuses every finished stage."))
+        "Run root (local path or fsspec URL). Default: a folder under ./runs named after the "
+        "data and a hash of its location, so a rerun of the same data reuses every finished "
+        "stage."))
     ipc: int = Field(1, ge=1, description="Distilled images (grids) per class.")
     grid_size: int = Field(4, ge=1, description="L: each grid holds L x L selected images.")
-    methods: list[str] = Field(
-        default_factory=lambda: ["ssdim", "random", "random-real"], description=(
-            "Selection methods to distil and compare (grids of ssdim, random, kcenter, herding, "
-            "kmeans, facility, logdet), and random-real: IPC random photos per class, the "
-            "field's random baseline."))
+    # Plain list defaults (pydantic copies them per instance): a default_factory would not
+    # appear in the JSON schema, so the UI form would show an empty list.
+    methods: list[SelectionMethod] = Field(
+        default=["ssdim", "random", "random-real"], min_length=1, description=(
+            "Selection methods to distil and compare: each but random-real fills grids; "
+            "random-real takes IPC random photos per class, the field's random baseline."))
     grid_selection: Literal["sequential", "joint"] = Field("sequential", description=(
         "sequential: each grid is selected from what earlier grids left of the class (the "
         "paper); joint: IPC x L x L images are selected at once and dealt into grids."))
     seed: int = Field(0, description="Seed for selection, hold-out split and training.")
     holdout_share: float = Field(0.2, ge=0.0, lt=1.0, description=(
         "Share of each class held out for testing when no test data is given."))
-    embedder: Literal["auto", "clip", "efficientnet-lite0", "pixels-pca"] = Field(
+    embedder: Embedder = Field(
         "auto", description=(
             "auto: CLIP when its weights are present, else the packaged ImageNet-1K "
             "EfficientNet-Lite0, else pixels-pca with a loud warning."))
@@ -63,22 +73,25 @@ class DistillConfig(BaseModel):
     clip_pretrained: str = Field("laion2b_s34b_b79k", description=(
         "open_clip pretrained tag, or a local checkpoint file."))
     grid_resolution: int = Field(224, ge=8, description="Storage resolution of each grid (px).")
-    enhance: list[str] = Field(default_factory=lambda: ["bilinear"], description=(
-        "Detail enhancement backend(s): none, bilinear, bicubic, sd-turbo. Several run an "
-        "ablation: each is evaluated as <method>+<backend>."))
+    enhance: list[EnhanceBackend] = Field(default=["bilinear"], min_length=1, description=(
+        "Detail enhancement backend(s). Several run an ablation: each method is evaluated "
+        "once per backend, named method+backend."))
     enhance_scale: int = Field(4, ge=1, description="Upscaling factor of the enhancement.")
     refine: bool = Field(False, description=(
         "Run DIVER refinement on the enhanced grids and evaluate before and after it."))
     dit_model: str = Field("facebook/DiT-XL-2-256", description="DiT hub id or local directory.")
     dit_vae: str = Field("stabilityai/sd-vae-ft-mse", description="VAE hub id or local directory.")
     refine_gamma: float = Field(0.1, ge=0.0, description="DIVER semantic-guidance strength.")
-    eval_student: str = Field("convnet_d3", description="Student network trained on the grids.")
-    eval_protocol: str = Field("cpu-small", description="Evaluation protocol preset.")
+    eval_student: Student = Field("convnet_d3", description=(
+        "Student network trained on the grids."))
+    eval_protocol: EvalProtocol = Field("cpu-small", description=(
+        "Evaluation protocol preset: rded and cpu-soft train on a teacher's soft labels, "
+        "minimax and cpu-small on hard labels."))
     eval_image_size: int | None = Field(None, ge=8, description=(
         "Training/test resolution of the student (default: the protocol's)."))
     eval_epochs: int | None = Field(None, ge=1, description="Override the protocol's epochs.")
     eval_seeds: int = Field(3, ge=1, description="Students trained per set (mean ± std).")
-    teacher: str = Field("resnet18", description=(
+    teacher: Teacher = Field("resnet18", description=(
         "Soft-label protocols (rded, cpu-soft): efficientnet-lite0 (the packaged ImageNet-1K "
         "network, its logits restricted to the dataset's WNIDs), or an architecture trained "
         "on the real pool (for data outside ImageNet)."))
@@ -87,7 +100,8 @@ class DistillConfig(BaseModel):
     classifier_checkpoint: str | None = Field(None, description=(
         "EfficientNet-Lite0 weights (lukemelas or timm layout) to use instead of the packaged "
         "ones, for the efficientnet-lite0 embedder and teacher."))
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description=(
+        "auto, cpu, cuda or cuda:N (auto: cuda when available)."))
     max_workers: int | None = Field(None, ge=1, description=(
         "Concurrent class tasks (default: the machine's CPU count, at most 8)."))
     storage_options: dict[str, Any] = Field(default_factory=dict, description=(

@@ -15,9 +15,11 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,6 +31,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".
 
 # Per-channel (mean, std) that dataset-distillation code bases normalise with (MTT's
 # `utils.get_dataset`): ImageNet subsets and Tiny ImageNet use the ImageNet statistics.
+# Normalization names its keys (for typed parameters); tests check they stay equal.
+Normalization = Literal["imagenet", "cifar10", "cifar100", "none"]
 NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]] | None] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
@@ -39,6 +43,8 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 # ImageNet-1K indices of the 10-class subsets, in the class order of the MTT / GLaD / DATM
 # `utils.Config` lists: tensor sets from those code bases use class i = list[i]. ImageWoof's
 # order there is NOT the sorted-WNID order an ImageFolder of ImageWoof would have.
+SubsetPreset = Literal["imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk",
+                       "imageyellow", "imagenet-1k"]  # the keys below
 SUBSET_PRESETS: dict[str, tuple[int, ...]] = {
     "imagenette": (0, 217, 482, 491, 497, 566, 569, 571, 574, 701),
     "imagewoof": (193, 182, 258, 162, 155, 167, 159, 273, 207, 229),
@@ -260,7 +266,8 @@ def read_npz(path: str | Path, *, normalization: str | None, images_key: str | N
                         source=str(path))
 
 
-INPUT_KINDS = ("auto", "image-folder", "run-root", "mtt", "npz")
+InputKind = Literal["auto", "image-folder", "run-root", "mtt", "npz"]
+INPUT_KINDS: tuple[InputKind, ...] = typing.get_args(InputKind)
 
 
 def detect_kind(path: str | Path) -> str:
