@@ -23,7 +23,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,7 @@ from gridistill.models import (
     load_imagenet_classifier,
 )
 from gridistill.resources import BatchLimit, run_in_batches
-from gridistill.stages import ArtifactRef, stage_task
+from gridistill.stages import ArtifactRef, NotInKey, stage_task
 from gridistill.storage import RunStore
 from tasks.ingest import no_usable_images, read_image, record_skipped
 
@@ -365,11 +365,12 @@ class EmbedParams(BaseModel):
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "laion2b_s34b_b79k"
     classifier_checkpoint: str | None = None  # replaces the packaged efficientnet-lite0 weights
-    device: str = "cpu"
-    batch_size: int = 64
-    num_workers: int | None = None  # decode processes; None: default_num_workers(device)
+    device: Annotated[str, NotInKey] = "cpu"
+    batch_size: Annotated[int, NotInKey] = 64
+    # Decode processes; None: default_num_workers(device).
+    num_workers: Annotated[int | None, NotInKey] = None
     autocast_dtype: str = "bfloat16"  # CUDA only ("float16" possible); CPU runs float32
-    progress: bool = True
+    progress: Annotated[bool, NotInKey] = True
 
 
 @stage_task("embed")

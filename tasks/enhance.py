@@ -414,12 +414,12 @@ def enhance_grids(grids: torch.Tensor, backend: str, *, scale: int = 4,
 
 
 # -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------
-from typing import Any  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
 
 from pydantic import BaseModel  # noqa: E402
 
 from gridistill.models import cached_model  # noqa: E402
-from gridistill.stages import ArtifactRef, stage_task  # noqa: E402
+from gridistill.stages import ArtifactRef, NotInKey, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
 from tasks.grids import (  # noqa: E402
     pil_to_tensor,
@@ -438,8 +438,8 @@ class EnhanceParams(BaseModel):
     timestep: int = 200
     colour_fix: str | None = None
     noise_predictor: str | None = None
-    device: str = "cpu"
-    progress: bool = True
+    device: Annotated[str, NotInKey] = "cpu"
+    progress: Annotated[bool, NotInKey] = True
 
 
 def load_enhancer(params: EnhanceParams) -> StableDiffusionComponents | None:

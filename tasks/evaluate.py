@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -934,7 +934,7 @@ from PIL import Image  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from gridistill.config import DistillConfig  # noqa: E402
-from gridistill.stages import ArtifactRef, stage_logger, stage_task  # noqa: E402
+from gridistill.stages import ArtifactRef, NotInKey, stage_logger, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
 
 
@@ -990,8 +990,8 @@ class TeacherParams(BaseModel):
     test_image_size: int | None = None  # where its top-1 is measured (None: image_size)
     epochs: int | None = None
     seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    device: Annotated[str, NotInKey] = "cpu"
+    progress: Annotated[bool, NotInKey] = True
 
 
 def _is_imagenet_classifier(architecture: str) -> bool:
@@ -1087,8 +1087,8 @@ class EvalParams(BaseModel):
     seeds: int = 3
     seed: int = 0
     num_classes: int
-    device: str = "cpu"
-    progress: bool = True
+    device: Annotated[str, NotInKey] = "cpu"
+    progress: Annotated[bool, NotInKey] = True
 
 
 @stage_task("evaluate")

@@ -1,12 +1,23 @@
+from typing import Annotated
+
+from prefect import flow
 from pydantic import BaseModel
 
-from gridistill.stages import ArtifactRef, StoreSpec, run_stage, stage_key
+from gridistill.stages import (
+    ArtifactRef,
+    NotInKey,
+    StoreSpec,
+    key_params,
+    run_stage,
+    stage_key,
+    stage_task,
+)
 
 
 class Params(BaseModel):
     size: int = 1
-    device: str = "cpu"
-    progress: bool = True
+    device: Annotated[str, NotInKey] = "cpu"
+    progress: Annotated[bool, NotInKey] = True
 
 
 def ref(key: str) -> ArtifactRef:
@@ -65,3 +76,59 @@ def test_a_commit_removed_by_a_concurrent_forced_run_means_recompute(tmp_path, m
     assert spec.open().is_committed(again.folder)
     spec.open().uncommit(again.folder)
     spec.open().uncommit(again.folder)  # twice: a no-op, as when two runs force at once
+
+
+class Outer(BaseModel):
+    inner: Params = Params()
+    seed: int = 0
+    batch_size: int = 8  # not marked: part of the key, whatever its name
+
+
+def test_fields_marked_not_in_key_are_left_out_also_in_nested_models():
+    assert key_params(Outer()) == {"inner": {"size": 1}, "seed": 0, "batch_size": 8}
+    assert key_params(Outer(inner=Params(device="cuda"))) == key_params(Outer())
+
+
+def test_the_commit_records_the_code_that_made_the_artifact(tmp_path):
+    def compute(store, folder, scope, params, upstream):
+        return {}
+
+    spec = StoreSpec(root=str(tmp_path))
+    ref = run_stage("demo", compute, spec, "alpha", Params(), [])
+    commit = spec.open().read_commit(ref.folder)
+    # A nested function is versioned with the top-level definition around it.
+    assert f"{__name__}:test_the_commit_records_the_code_that_made_the_artifact" in commit["code"]
+    assert commit["params"] == {"size": 1}
+
+
+COMPUTED: list[int] = []
+
+
+@stage_task("counted", retries=0)
+def counted(store, folder, scope, params, upstream):
+    COMPUTED.append(1)
+    store.write_text(f"{folder}/out.txt", str(len(COMPUTED)))
+    return {"computed": len(COMPUTED)}
+
+
+@flow
+def run_counted(store: StoreSpec, force: bool = False) -> tuple[str, dict, str]:
+    future = counted.submit(store, "alpha", Params(), [], force)
+    ref = future.result()
+    return future.state.name, ref.meta, ref.folder
+
+
+def test_the_commit_marker_is_the_only_cache(prefect_harness, tmp_path):
+    """A rerun reports Cached; after a forced rerun, the next plain run gets the new result
+    back, not the one from before the force; an artifact deleted by hand is made again."""
+    store = StoreSpec(root=str(tmp_path))
+    COMPUTED.clear()
+    state, meta, folder = run_counted(store)
+    assert (state, meta) == ("Completed", {"computed": 1})
+    assert run_counted(store)[:2] == ("Cached", {"computed": 1})
+    assert run_counted(store, force=True)[:2] == ("Completed", {"computed": 2})
+    assert run_counted(store)[:2] == ("Cached", {"computed": 2})
+    assert store.open().read_bytes(f"{folder}/out.txt") == b"2"
+    store.open().fs.rm(store.open().path(folder), recursive=True)
+    assert run_counted(store)[:2] == ("Completed", {"computed": 3})
+    assert counted.fn(store, "alpha", Params(), []).meta == {"computed": 3}  # outside a run

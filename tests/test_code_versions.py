@@ -1,0 +1,131 @@
+"""Cache keys follow the code that makes each artifact: comments, docstrings and formatting
+never re-key it, and a change to a helper in another module re-keys exactly the stages whose
+code reaches it. Edited sources are handed to a CodeIndex; no repository file is touched."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import io
+import tokenize
+from pathlib import Path
+
+import pytest
+
+from gridistill.stages import CodeIndex, code_definitions, code_version
+from tasks.embed import embed_class
+from tasks.enhance import enhance_class
+from tasks.evaluate import evaluate_grids, train_teacher_on_pool
+from tasks.grids import assemble_class_grids
+from tasks.ingest import load_class
+from tasks.refine import refine_class
+from tasks.select import select_class
+
+STAGES = {task.name: task.fn.compute for task in (
+    load_class, embed_class, select_class, assemble_class_grids, enhance_class, refine_class,
+    train_teacher_on_pool, evaluate_grids)}
+
+
+def real_source(module: str) -> str:
+    return Path(importlib.util.find_spec(module).origin).read_text()
+
+
+def versions(sources: dict[str, str] | None = None) -> dict[str, str]:
+    index = CodeIndex(sources)
+    return {stage: index.version([compute]) for stage, compute in STAGES.items()}
+
+
+def rekeyed(module: str, edit) -> set[str]:
+    """The stages whose key changes when ``module``'s source is replaced by ``edit(source)``."""
+    before = versions()
+    after = versions({module: edit(real_source(module))})
+    return {stage for stage in STAGES if after[stage] != before[stage]}
+
+
+def modules_reached() -> set[str]:
+    return {name.split(":")[0] for compute in STAGES.values()
+            for name in CodeIndex().definitions([compute])}
+
+
+def reworded_comments(source: str) -> str:
+    """Every comment reworded; the layout as tokenize writes it (formatting changes too)."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return tokenize.untokenize([(t.type, "# reworded" if t.type == tokenize.COMMENT else t.string)
+                                for t in tokens])
+
+
+def reworded_docstrings(source: str) -> str:
+    """Every docstring reworded, and one added to each function that had none."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Module):
+            first = node.body[0] if node.body else None
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                first.value.value = "Reworded. " + first.value.value
+            else:
+                node.body.insert(0, ast.Expr(ast.Constant("A new docstring.")))
+    return ast.unparse(tree)
+
+
+def with_statement(qualname: str, statement: str):
+    """An edit that puts ``statement`` first in the body of function or method ``qualname``."""
+    def edit(source: str) -> str:
+        tree = ast.parse(source)
+        scope: ast.AST = tree
+        for part in qualname.split("."):
+            scope = next(node for node in scope.body if getattr(node, "name", None) == part)
+        scope.body.insert(0, ast.parse(statement).body[0])
+        return ast.unparse(tree)
+
+    return edit
+
+
+@pytest.mark.parametrize("edit", [reworded_comments, reworded_docstrings])
+def test_comment_docstring_and_layout_edits_keep_every_key(edit):
+    modules = modules_reached()
+    assert {"tasks.augment", "gridistill.models", "tasks.ingest"} <= modules
+    assert versions({module: edit(real_source(module)) for module in modules}) == versions()
+
+
+def test_a_change_to_the_crop_rekeys_the_stages_that_train_students_only():
+    edit = with_statement("sample_crop_box", "p_align = min(p_align, 0.5)")
+    assert rekeyed("tasks.augment", edit) == {"teacher", "evaluate"}
+
+
+def test_a_change_to_model_preprocessing_rekeys_the_stages_that_run_the_classifier():
+    edit = with_statement("ImageNetClassifier.normalise", "pixels = pixels.clamp(0, 1)")
+    assert rekeyed("gridistill.models", edit) == {"embed", "teacher", "evaluate"}
+
+
+@pytest.mark.parametrize(("function", "stages"), [
+    ("load_dit", {"refine"}),  # the DiT's DDIM scheduler
+    ("load_sd_turbo", {"enhance"}),  # SD-Turbo's scheduler
+])
+def test_a_change_to_a_model_loader_rekeys_the_stage_that_uses_it(function, stages):
+    assert rekeyed("gridistill.models", with_statement(function, "source = str(source)")) == stages
+
+
+def test_a_change_to_the_wnid_table_rekeys_the_stages_that_label_by_wnid():
+    edit = with_statement("imagenet_wnids", "sorted_order = True")
+    assert rekeyed("gridistill.distilled_sets", edit) == {"refine", "teacher", "evaluate"}
+
+
+def test_a_change_to_a_function_no_stage_uses_rekeys_nothing():
+    edit = with_statement("read_npz", "path = str(path)")  # gridistill refine's input reader
+    assert rekeyed("gridistill.distilled_sets", edit) == set()
+
+
+def test_the_stage_machinery_and_its_decorator_arguments_are_not_stage_code():
+    assert not any(name.startswith("gridistill.stages:") for compute in STAGES.values()
+                   for name in CodeIndex().definitions([compute]))
+    source = real_source("tasks.grids")
+    assert '@stage_task("grids")' in source
+    edited = source.replace('@stage_task("grids")', '@stage_task("grids", retries=5)')
+    assert versions({"tasks.grids": edited}) == versions()
+
+
+def test_the_process_wide_version_is_the_index_of_the_files():
+    compute = STAGES["grids"]
+    assert code_version(compute) == CodeIndex().version([compute])
+    assert "tasks.grids:assemble_grid" in code_definitions(compute)
