@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from gridistill.models import DiTBundle, load_dit
+from gridistill.refine_options import DiverOptions
 from tasks.refine import dit_image_size, diver_refine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,8 +84,8 @@ def measure(components: DiTBundle, batch_size: int, num_images: int, t_f: int,
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    diver_refine(images, labels, components, t_f=t_f, t_r=t_r, batch_size=batch_size,
-                 progress=False)
+    diver_refine(images, labels, components, DiverOptions(t_f=t_f, t_r=t_r),
+                 batch_size=batch_size, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started

@@ -51,8 +51,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     enhancers = {backend: EnhanceParams(backend=backend, scale=config.enhance_scale,
                                         seed=config.seed, device=device, progress=config.progress)
                  for backend in config.enhance}
-    refine = RefineParams(dit=config.dit_model, vae=config.dit_vae, gamma=config.refine_gamma,
-                          seed=config.seed, device=device, progress=config.progress)
+    refine = RefineParams(diver=config.diver, seed=config.seed, device=device,
+                          progress=config.progress)
     # Missing weights stop the run here, before any data is read.
     for enhance in enhancers.values():
         load_enhancer(enhance)

@@ -253,8 +253,7 @@ def _enhance(run: _SegmentRun) -> None:
     if config.refine:
         from tasks.refine import RefineParams, load_dit_for, refine_class
 
-        refine = RefineParams(dit=config.dit_model, vae=config.dit_vae,
-                              gamma=config.refine_gamma, seed=config.seed, device=run.device,
+        refine = RefineParams(diver=config.diver, seed=config.seed, device=run.device,
                               progress=config.progress)
         load_dit_for(refine)
     for method in config.methods:

@@ -4,12 +4,10 @@ so the CLI, the Prefect UI form and the Python API never disagree."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
-import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,6 +19,7 @@ from pydantic import ValidationError
 # 20 s default; set before Prefect is imported. An explicit user setting wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+from gridistill.cli_options import add_model_options, model_values, one_line  # noqa: E402
 from gridistill.config import DistillConfig  # noqa: E402  (after the env default above)
 
 
@@ -39,52 +38,11 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{message} (see: {self.prog} --help)")
 
 
-def _option_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
-    """argparse ``type``/``nargs``/``choices`` for a pydantic field annotation."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return str, {"choices": list(typing.get_args(annotation))}
-    if origin is list:
-        kind, extra = _option_type(args[0])
-        return kind, {**extra, "nargs": "+"}
-    if origin is dict:
-        return json.loads, {}
-    if args and origin is not None:  # Optional[X]
-        return _option_type(args[0])
-    return annotation, {}
-
-
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    for name, field in DistillConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description} (default: {default})"
-        if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-            continue
-        kind, extra = _option_type(field.annotation)
-        parser.add_argument(flag, type=kind, default=None, help=help_text, **extra)
-
-
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    given = {name: getattr(args, name) for name in DistillConfig.model_fields}
     try:
-        return DistillConfig(**{k: v for k, v in given.items() if v is not None})
+        return DistillConfig(**model_values(args, DistillConfig))
     except ValidationError as exc:
-        raise UsageError(_one_line(exc)) from None
-
-
-def _one_line(error: ValidationError) -> str:
-    """Each failed check as ``--option: message (got value)``, on one line."""
-    parts = []
-    for item in error.errors():
-        where = "".join(f"[{p}]" if isinstance(p, int) else f"--{p.replace('_', '-')}"
-                        for p in item["loc"])
-        got = "" if item["type"].startswith("value_error") else f" (got {item['input']!r})"
-        parts.append(f"{where + ': ' if where else ''}{item['msg']}{got}")
-    return "; ".join(parts)
+        raise UsageError(one_line(exc, DistillConfig)) from None
 
 
 def _reach(flag: str, url: str,
@@ -161,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="distil a dataset end to end (Prefect flow)",
                               description=DistillConfig.__doc__)
-    add_config_options(run)
+    add_model_options(run, DistillConfig)
     run.set_defaults(func=_run)
     from gridistill.cli_refine import add_refine_parser
 

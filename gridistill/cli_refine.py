@@ -1,8 +1,7 @@
 """``gridistill refine``: DIVER-refine any distilled set into an ImageFolder of PNGs.
 
-The lead wires it in ``gridistill/cli.py``::
-
-    add_refine_parser(subparsers)   # then: args.func(args) or run_refine(args)
+The options are :class:`~gridistill.refine_options.RefineJob`'s fields; :func:`refine_set`
+does the work for the command and for the refine-existing flow alike.
 """
 
 from __future__ import annotations
@@ -11,16 +10,16 @@ import argparse
 import csv
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
+from gridistill.cli_options import add_model_options, model_values, one_line
 from gridistill.distilled_sets import (
-    INPUT_KINDS,
-    NORMALIZATIONS,
-    SUBSET_PRESETS,
     imagenet_labels_for_classes,
     imagenet_wnids,
     preset_wnids,
@@ -28,6 +27,7 @@ from gridistill.distilled_sets import (
     read_wnid_list,
 )
 from gridistill.models import MissingWeightsError, load_dit
+from gridistill.refine_options import RefineJob
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,41 +37,7 @@ def add_refine_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "refine", help="DIVER: refine a distilled set with a pretrained DiT",
         description="Refine a distilled set (ImageFolder, run root, MTT/DATM .pt, .npz) with "
                     "DIVER (DiT-XL/2 + DDIM + semantic guidance) and write an ImageFolder of PNGs.")
-    io_group = parser.add_argument_group("input and output")
-    io_group.add_argument("--input", required=True, help="distilled set: a folder or a file")
-    io_group.add_argument("--out", required=True, help="output ImageFolder (must be empty/new)")
-    io_group.add_argument("--input-kind", choices=INPUT_KINDS, default="auto")
-    io_group.add_argument("--method", help="which distilled set of a run root (e.g. ssdim)")
-    io_group.add_argument("--labels", help="MTT labels file when not labels_<tag>.pt beside it")
-    io_group.add_argument(
-        "--normalization", choices=sorted(NORMALIZATIONS),
-        help="mean/std the tensor images were normalised with (required for float .pt/.npz; "
-             "MTT/DATM ImageNet subsets: imagenet)")
-    classes = parser.add_mutually_exclusive_group()
-    classes.add_argument("--classes-preset", choices=sorted(SUBSET_PRESETS),
-                         help="class i -> ImageNet-1K label, in MTT/GLaD/DATM class order")
-    classes.add_argument("--wnids", help="file: one WNID per line (line i = class i), or a CSV "
-                                         "with a wnid column")
-    model = parser.add_argument_group("model")
-    model.add_argument("--dit", default="facebook/DiT-XL-2-256",
-                       help="diffusers DiT: hub id or local directory")
-    model.add_argument("--vae", default="stabilityai/sd-vae-ft-mse",
-                       help="diffusers AutoencoderKL: hub id or local directory")
-    model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    model.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                       help="auto: bfloat16 on CUDA, float32 on CPU")
-    diver = parser.add_argument_group("DIVER (step indices: 1 = last DDIM step, N = noisiest)")
-    diver.add_argument("--num-steps", type=int, default=50, help="DDIM steps N")
-    diver.add_argument("--t-f", type=int, default=25, help="noise z0 to this step")
-    diver.add_argument("--t-r", type=int, help="start the reverse process here (default t_f; "
-                                                "the paper's literal reading: N)")
-    diver.add_argument("--t-h", type=int, default=40, help="semantic phase: highest step")
-    diver.add_argument("--t-l", type=int, default=25, help="semantic phase: lowest step")
-    diver.add_argument("--gamma", type=float, default=0.1,
-                       help="semantic guidance scale (paper 0.1; 0.02 for NCFM sets)")
-    diver.add_argument("--cfg-scale", type=float, default=4.0)
-    diver.add_argument("--seed", type=int, default=0)
-    diver.add_argument("--batch-size", type=int, default=32)
+    add_model_options(parser, RefineJob)
     parser.set_defaults(func=run_refine)
     return parser
 
@@ -82,11 +48,11 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _class_wnids(args: argparse.Namespace) -> list[str] | None:
-    if args.classes_preset:
-        return preset_wnids(args.classes_preset)
-    if args.wnids:
-        return read_wnid_list(args.wnids)
+def _class_wnids(job: RefineJob) -> list[str] | None:
+    if job.classes_preset:
+        return preset_wnids(job.classes_preset)
+    if job.wnids:
+        return read_wnid_list(job.wnids)
     return None
 
 
@@ -107,45 +73,53 @@ def write_image_folder(out: Path, images: torch.Tensor, class_indices: torch.Ten
             writer.writerow([class_index, wnids[int(imagenet_labels[class_index])], folder])
 
 
-def run_refine(args: argparse.Namespace) -> int:
-    """Check inputs and weights (before any heavy work), refine, write PNGs. 0 = success."""
-    # Imported here so `gridistill --help` does not pay for importing diffusers.
-    from tasks.refine import check_diver_parameters, diver_refine
+def refine_set(job: RefineJob, report: Callable[[str], None] = print) -> None:
+    """Check inputs and weights (before any heavy work), refine, write PNGs to ``job.out``.
 
-    out = Path(args.out)
+    Raises ValueError (a bad input or class mapping), MissingWeightsError or FileExistsError
+    (``job.out`` is not empty) before anything is written; ``report`` gets progress lines.
+    """
+    # Imported here so `gridistill --help` does not pay for importing diffusers.
+    from tasks.refine import diver_refine
+
+    out = Path(job.out)
     if out.exists() and any(out.iterdir()):
-        print(f"error: --out {out} is not empty; refusing to mix or overwrite outputs",
-              file=sys.stderr)
-        return 2
-    device = _resolve_device(args.device)
-    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda"
-                                       else torch.float32)
-    try:
-        check_diver_parameters(num_steps=args.num_steps, t_f=args.t_f, t_r=args.t_r,
-                               t_h=args.t_h, t_l=args.t_l, cfg_scale=args.cfg_scale)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        class_wnids = _class_wnids(args)
-        components = load_dit(args.dit, args.vae, device=device, dtype=dtype)
-        distilled = read_distilled_set(args.input, kind=args.input_kind,
-                                       normalization=args.normalization,
-                                       labels_path=args.labels, method=args.method)
-        class_labels = imagenet_labels_for_classes(distilled.num_classes, distilled.class_names,
-                                                   wnids=class_wnids)
-    except (MissingWeightsError, ValueError) as exc:  # DistilledSetError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"refining {len(distilled.images)} images of {distilled.num_classes} classes from "
-          f"{distilled.source} with {components.source} on {device} ({dtype})")
+        raise FileExistsError(f"{out} is not empty; refusing to mix or overwrite outputs")
+    device = _resolve_device(job.device)
+    dtype = DTYPES.get(job.dtype) or (torch.bfloat16 if device.type == "cuda"
+                                      else torch.float32)
+    class_wnids = _class_wnids(job)
+    components = load_dit(job.diver.dit, job.diver.vae, device=device, dtype=dtype)
+    distilled = read_distilled_set(job.input, kind=job.input_kind,
+                                   normalization=job.normalization, labels_path=job.labels,
+                                   method=job.method)
+    class_labels = imagenet_labels_for_classes(distilled.num_classes, distilled.class_names,
+                                               wnids=class_wnids)
+    report(f"refining {len(distilled.images)} images of {distilled.num_classes} classes from "
+           f"{distilled.source} with {components.source} on {device} ({dtype})")
     started = time.perf_counter()
-    refined = diver_refine(
-        distilled.images, class_labels[distilled.class_indices], components, t_f=args.t_f,
-        t_r=args.t_r, num_steps=args.num_steps, t_h=args.t_h, t_l=args.t_l, gamma=args.gamma,
-        cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size)
+    refined = diver_refine(distilled.images, class_labels[distilled.class_indices], components,
+                           job.diver, seed=job.seed, batch_size=job.batch_size)
     seconds = time.perf_counter() - started
     all_wnids = imagenet_wnids()
     folder_names = distilled.class_names or [all_wnids[int(label)] for label in class_labels]
     write_image_folder(out, refined, distilled.class_indices, folder_names, class_labels)
-    print(f"wrote {len(refined)} PNGs to {out} in {seconds:.1f} s "
-          f"({seconds / max(len(refined), 1):.3f} s/image)")
+    report(f"wrote {len(refined)} PNGs to {out} in {seconds:.1f} s "
+           f"({seconds / max(len(refined), 1):.3f} s/image)")
+
+
+def run_refine(args: argparse.Namespace) -> int:
+    """``gridistill refine``: 0 on success, 2 (one line on stderr) for a mistake found before
+    any work."""
+    try:
+        job = RefineJob(**model_values(args, RefineJob))
+    except ValidationError as exc:
+        print(f"error: {one_line(exc, RefineJob)}", file=sys.stderr)
+        return 2
+    try:
+        refine_set(job)
+    except (MissingWeightsError, ValueError, FileExistsError) as exc:
+        # DistilledSetError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -20,6 +20,7 @@ from gridistill.choices import (
     Student,
     Teacher,
 )
+from gridistill.refine_options import DiverOptions
 from gridistill.storage import content_key
 
 # Option names that hold credentials (s3fs: key, secret, token; others: password...).
@@ -79,9 +80,8 @@ class DistillConfig(BaseModel):
     enhance_scale: int = Field(4, ge=1, description="Upscaling factor of the enhancement.")
     refine: bool = Field(False, description=(
         "Run DIVER refinement on the enhanced grids and evaluate before and after it."))
-    dit_model: str = Field("facebook/DiT-XL-2-256", description="DiT hub id or local directory.")
-    dit_vae: str = Field("stabilityai/sd-vae-ft-mse", description="VAE hub id or local directory.")
-    refine_gamma: float = Field(0.1, ge=0.0, description="DIVER semantic-guidance strength.")
+    diver: DiverOptions = Field(DiverOptions(), description=(
+        "DIVER refinement (with refine): its DiT and VAE, step indices and guidance scales."))
     eval_student: Student = Field("convnet_d3", description=(
         "Student network trained on the grids."))
     eval_protocol: EvalProtocol = Field("cpu-small", description=(
@@ -172,7 +172,8 @@ class DistillConfig(BaseModel):
             "grid": f"{self.grid_size}x{self.grid_size} at {self.grid_resolution}px, "
                     f"{self.grid_selection} selection",
             "enhance": f"{', '.join(self.enhance)} x{self.enhance_scale}",
-            "refine": f"DIVER ({self.dit_model}, gamma={self.refine_gamma})"
+            "refine": f"DIVER ({self.diver.dit}, t_f={self.diver.t_f}, "
+                      f"t_r={self.diver.start_step}, gamma={self.diver.gamma})"
             if self.refine else "off",
             "student": f"{self.eval_student}, {self.eval_protocol} protocol, "
                        f"{self.eval_seeds} seeds{teacher}",

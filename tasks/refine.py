@@ -18,7 +18,7 @@ starts at step s runs steps s, s-1, ..., 1 (s model evaluations).
 - ``t_f``: z0 is noised to τ_{t_f}: z_{t_f} = √ᾱ_{τ_{t_f}}·z0 + √(1−ᾱ_{τ_{t_f}})·ε
   (``scheduler.add_noise``). t_f = 0 adds no noise and runs no step.
 - ``t_r``: the step the reverse process starts at; defaults to t_f, where the noise in the
-  latent matches the timestep the model is told (the issue's reading). The paper writes
+  latent matches the timestep the model is told. The paper writes
   ẑ_{t_r} = z_{t_f} with t_r = 50 > t_f = 25, i.e. the 25-step-noised latent handed to a full
   50-step reverse process; pass ``t_r=num_steps`` for that reading.
 - ``t_h`` ≥ ``t_l``: the semantic phase. DDIM step k gets semantic guidance iff
@@ -42,6 +42,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from gridistill.refine_options import DiverOptions, check_diver_parameters
 from gridistill.resources import run_in_batches
 
 if TYPE_CHECKING:
@@ -57,20 +58,6 @@ def step_timestep(scheduler: DDIMScheduler, step_index: int) -> torch.Tensor:
     if not 1 <= step_index <= num_steps:
         raise ValueError(f"step index must be in 1..{num_steps}, got {step_index}")
     return scheduler.timesteps[num_steps - step_index]
-
-
-def check_diver_parameters(*, num_steps: int, t_f: int, t_r: int | None, t_h: int, t_l: int,
-                           cfg_scale: float) -> None:
-    """Raise ValueError unless 0 ≤ t_f ≤ t_r ≤ N, 1 ≤ t_l ≤ t_h ≤ N and cfg_scale ≥ 1."""
-    start_step = t_f if t_r is None else t_r
-    if not 0 <= t_f <= start_step <= num_steps:
-        raise ValueError(f"need 0 <= t_f <= t_r <= num_steps, got t_f={t_f}, t_r={start_step}, "
-                         f"num_steps={num_steps}")
-    if not 1 <= t_l <= t_h <= num_steps:
-        raise ValueError(f"need 1 <= t_l <= t_h <= num_steps, got t_l={t_l}, t_h={t_h}, "
-                         f"num_steps={num_steps}")
-    if cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale must be >= 1 (1 disables CFG), got {cfg_scale}")
 
 
 def semantic_guidance(latents: torch.Tensor, anchor_latents: torch.Tensor,
@@ -112,9 +99,8 @@ def _guided_noise(latents: torch.Tensor, class_labels: torch.Tensor, components:
 
 @torch.no_grad()
 def denoise_latents(latents: torch.Tensor, class_labels: torch.Tensor, components: DiTBundle,
-                    *, start_step: int, num_steps: int = 50,
-                    anchor_latents: torch.Tensor | None = None, t_h: int = 40, t_l: int = 25,
-                    gamma: float = 0.0, cfg_scale: float = 4.0) -> torch.Tensor:
+                    *, start_step: int, num_steps: int, t_h: int, t_l: int, gamma: float,
+                    cfg_scale: float, anchor_latents: torch.Tensor | None = None) -> torch.Tensor:
     """Reverse DDIM from step ``start_step`` down to step 1, with CFG at every step.
 
     On steps t_l ≤ k ≤ t_h with ``anchor_latents`` (z0) given, the update is
@@ -144,23 +130,20 @@ def denoise_latents(latents: torch.Tensor, class_labels: torch.Tensor, component
 
 @torch.no_grad()
 def refine_latents(clean_latents: torch.Tensor, class_labels: torch.Tensor,
-                   components: DiTBundle, noise: torch.Tensor, *, t_f: int = 25,
-                   t_r: int | None = None, num_steps: int = 50, t_h: int = 40, t_l: int = 25,
-                   gamma: float = 0.1, cfg_scale: float = 4.0) -> torch.Tensor:
+                   components: DiTBundle, noise: torch.Tensor,
+                   options: DiverOptions) -> torch.Tensor:
     """DIVER in latent space: noise z0 to step t_f, then guided reverse DDIM from step t_r."""
-    start_step = t_f if t_r is None else t_r
-    check_diver_parameters(num_steps=num_steps, t_f=t_f, t_r=start_step, t_h=t_h, t_l=t_l,
-                           cfg_scale=cfg_scale)
     scheduler = components.scheduler
-    scheduler.set_timesteps(num_steps)
-    if t_f == 0:
+    scheduler.set_timesteps(options.num_steps)
+    if options.t_f == 0:
         start_latents = clean_latents
     else:
-        timestep = step_timestep(scheduler, t_f).reshape(1)
+        timestep = step_timestep(scheduler, options.t_f).reshape(1)
         start_latents = scheduler.add_noise(clean_latents, noise, timestep)
-    return denoise_latents(start_latents, class_labels, components, start_step=start_step,
-                           num_steps=num_steps, anchor_latents=clean_latents, t_h=t_h, t_l=t_l,
-                           gamma=gamma, cfg_scale=cfg_scale)
+    return denoise_latents(start_latents, class_labels, components,
+                           start_step=options.start_step, num_steps=options.num_steps,
+                           anchor_latents=clean_latents, t_h=options.t_h, t_l=options.t_l,
+                           gamma=options.gamma, cfg_scale=options.cfg_scale)
 
 
 def dit_image_size(components: DiTBundle) -> int:
@@ -192,9 +175,8 @@ def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components: DiTBundle,
-                 *, t_f: int = 25, t_r: int | None = None, num_steps: int = 50, t_h: int = 40,
-                 t_l: int = 25, gamma: float = 0.1, cfg_scale: float = 4.0, seed: int = 0,
-                 batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+                 options: DiverOptions | None = None, *, seed: int = 0, batch_size: int = 32,
+                 progress: bool = True) -> torch.Tensor:
     """Refine distilled images with DIVER (SI + SG + SF); returns images like the input.
 
     Args:
@@ -202,17 +184,15 @@ def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components
             (256 for DiT-XL/2-256) and the output resized back to (H, W).
         imagenet_labels: long (N,) ImageNet-1K class indices (0..999) for the conditioning.
         components: the DiT, its VAE and a ``DDIMScheduler`` (``gridistill.models.load_dit``).
-        t_f, t_r, t_h, t_l: DDIM step indices (1 = last, ``num_steps`` = noisiest), defined in
-            the module docstring. t_f = 0 returns the VAE reconstruction.
-        gamma: semantic-guidance scale γ (paper: 0.1; 0.02 for NCFM sets). 0 disables it.
-        cfg_scale: classifier-free guidance scale (1 disables CFG).
+        options: the step indices t_f, t_r, t_h, t_l (defined in the module docstring; t_f = 0
+            returns the VAE reconstruction), ``num_steps``, γ and the CFG scale; default: the
+            paper's. Its ``dit``/``vae`` name the weights for loaders; ``components`` are used.
         seed: seeds one CPU generator that draws every image's noise up front, so the result
             does not depend on ``batch_size`` or the device's RNG.
         batch_size: images per forward (the CFG doubles the transformer batch). A batch that
             runs out of memory is retried in halves, and the smaller size is kept.
     """
-    check_diver_parameters(num_steps=num_steps, t_f=t_f, t_r=t_r, t_h=t_h, t_l=t_l,
-                           cfg_scale=cfg_scale)
+    options = options or DiverOptions()
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
     if len(imagenet_labels) != len(images):
@@ -232,8 +212,7 @@ def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components
         clean_latents = encode_images(pixels, components.vae)
         latents = refine_latents(
             clean_latents, imagenet_labels[batch].to(device=device, dtype=torch.long),
-            components, all_noise[batch].to(device), t_f=t_f, t_r=t_r, num_steps=num_steps,
-            t_h=t_h, t_l=t_l, gamma=gamma, cfg_scale=cfg_scale)
+            components, all_noise[batch].to(device), options)
         decoded = decode_latents(latents, components.vae)
         refined = resize_images(decoded, tuple(images.shape[-2:])).cpu()
         bar.update(len(rows))
@@ -262,13 +241,7 @@ from tasks.grids import (  # noqa: E402
 
 
 class RefineParams(BaseModel):
-    dit: str = "facebook/DiT-XL-2-256"
-    vae: str = "stabilityai/sd-vae-ft-mse"
-    t_f: int = 25
-    t_h: int = 40
-    t_l: int = 25
-    gamma: float = 0.1
-    cfg_scale: float = 4.0
+    diver: DiverOptions = DiverOptions()
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 32
@@ -287,7 +260,8 @@ def imagenet_index(class_name: str) -> int:
 def load_dit_for(params: RefineParams) -> DiTBundle:
     """The DiT and VAE for ``params``, once per process (bf16 on CUDA, float32 on CPU)."""
     dtype = torch.bfloat16 if params.device.startswith("cuda") else torch.float32
-    return cached_model(load_dit, params.dit, params.vae, device=params.device, dtype=dtype)
+    return cached_model(load_dit, params.diver.dit, params.diver.vae, device=params.device,
+                        dtype=dtype)
 
 
 @stage_task("refine")
@@ -297,9 +271,7 @@ def refine_class(store: RunStore, folder: str, scope: str, params: RefineParams,
     (grids_ref,) = upstream
     grids = pil_to_tensor(read_grid_images(store, grids_ref))
     labels = torch.full((len(grids),), imagenet_index(scope), dtype=torch.long)
-    refined = diver_refine(
-        grids, labels, load_dit_for(params), t_f=params.t_f, t_h=params.t_h, t_l=params.t_l,
-        gamma=params.gamma, cfg_scale=params.cfg_scale, seed=params.seed,
-        batch_size=params.batch_size, progress=params.progress)
+    refined = diver_refine(grids, labels, load_dit_for(params), params.diver, seed=params.seed,
+                           batch_size=params.batch_size, progress=params.progress)
     write_grid_images(store, folder, tensor_to_pil(refined))
-    return {"gamma": params.gamma, "resolution": int(refined.shape[-1])}
+    return {"gamma": params.diver.gamma, "resolution": int(refined.shape[-1])}

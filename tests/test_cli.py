@@ -12,14 +12,30 @@ from gridistill import cli
 from gridistill.choices import SelectionMethod
 from gridistill.cli import build_parser, check_locations, config_from_args, main
 from gridistill.config import DistillConfig, demo_data_root
+from gridistill.refine_options import DiverOptions
 
 
 def test_help_lists_every_flow_parameter(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--help"])
     text = capsys.readouterr().out
-    for name in DistillConfig.model_fields:
-        assert "--" + name.replace("_", "-") in text
+    names = [*DistillConfig.model_fields.keys() - {"diver"}, *DiverOptions.model_fields]
+    for name in names:
+        assert "--" + name.replace("_", "-") + " " in text
+
+
+def test_diver_options_are_run_flags_of_their_own():
+    config = config_from_args(build_parser().parse_args(
+        ["run", "--refine", "--t-r", "50", "--gamma", "0.02", "--dit", "/models/dit"]))
+    assert config.refine and config.diver == DiverOptions(t_r=50, gamma=0.02, dit="/models/dit")
+    assert config_from_args(build_parser().parse_args(["run"])).diver == DiverOptions()
+
+
+def test_diver_steps_out_of_order_are_one_line(capsys, no_run):
+    err = error_line(capsys, ["run", "--refine", "--t-f", "30", "--t-r", "20"])
+    assert "need 0 <= t_f <= t_r <= num_steps, got t_f=30, t_r=20" in err
+    err = error_line(capsys, ["run", "--t-h", "0"])
+    assert "--t-h: Input should be greater than or equal to 1 (got 0)" in err
 
 
 def test_options_become_the_typed_flow_parameters():

@@ -87,7 +87,7 @@ def test_the_deployed_flows_refuse_a_wrong_choice_when_validating_their_paramete
 
     calls = [(distill_pooled, {"config": {"methods": ["ssdim", "ssdm"]}}),
              (subset_distill, {"config": {"eval_protocol": "cpu_small"}}),
-             (refine_existing, {"request": {"input_url": "x", "out": "y",
+             (refine_existing, {"request": {"input": "x", "out": "y",
                                             "normalization": "image-net"}})]
     for flow, parameters in calls:
         with pytest.raises(ParameterTypeError, match="Input should be"):

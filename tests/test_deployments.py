@@ -328,9 +328,10 @@ def test_refine_existing_moves_a_set_from_s3_to_s3(prefect_harness, s3_bucket, t
         Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "in" / wnid / "a.png")
     fs = s3fs.S3FileSystem(**options)
     fs.put(str(tmp_path / "in"), f"{bucket}/distilled", recursive=True)
-    request = RefineRequest(input_url=f"{bucket}/distilled", out=f"{bucket}/refined",
-                            dit=str(tmp_path / "dit"), vae=str(tmp_path / "dit"), num_steps=4,
-                            t_f=2, t_h=3, t_l=2, storage_options=options)
+    request = RefineRequest(input=f"{bucket}/distilled", out=f"{bucket}/refined",
+                            diver={"dit": str(tmp_path / "dit"), "vae": str(tmp_path / "dit"),
+                                   "num_steps": 4, "t_f": 2, "t_h": 3, "t_l": 2},
+                            storage_options=options)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(GPUUnavailableError):

@@ -118,7 +118,7 @@ def test_flow_with_diver_refinement_evaluates_before_and_after(prefect_harness, 
                     tmp_path / split / wnid / f"{i}.png")
     config = tiny_config({"train": tmp_path / "train", "test": tmp_path / "test"},
                          str(tmp_path / "run"), methods=["ssdim"], refine=True,
-                         dit_model=str(dit_dir), dit_vae=str(dit_dir))
+                         diver={"dit": str(dit_dir), "vae": str(dit_dir)})
     result = distill(config)
     assert [m["method"] for m in result["metrics"]] == ["ssdim", "ssdim+diver"]
     store = RunStore(config.out)

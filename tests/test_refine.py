@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 import tasks.refine as refine
 from gridistill.cli_refine import add_refine_parser, run_refine
 from gridistill.models import DiTBundle, MissingWeightsError, load_dit
+from gridistill.refine_options import DiverOptions
 
 NUM_STEPS = 50
 
@@ -60,7 +62,8 @@ def test_gamma0_from_pure_noise_reproduces_dit_pipeline(components: DiTBundle) -
     # The pipeline's own starting noise: same shape, same generator seed.
     noise = randn_tensor((3, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     latents = refine.denoise_latents(noise, LABELS, components, start_step=NUM_STEPS,
-                                     num_steps=NUM_STEPS, gamma=0.0, cfg_scale=4.0)
+                                     num_steps=NUM_STEPS, t_h=40, t_l=25, gamma=0.0,
+                                     cfg_scale=4.0)
     images = refine.decode_latents(latents, components.vae)
     assert expected.std() > 0.01  # a non-trivial sample, so agreement means something
     torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
@@ -92,8 +95,8 @@ def test_semantic_guidance_exactly_on_steps_in_window(
     try:
         clean = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
         noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-        refine.refine_latents(clean, LABELS, components, noise, t_f=NUM_STEPS,
-                              num_steps=NUM_STEPS, t_h=t_h, t_l=t_l, gamma=0.1)
+        refine.refine_latents(clean, LABELS, components, noise,
+                              DiverOptions(t_f=NUM_STEPS, t_h=t_h, t_l=t_l, gamma=0.1))
     finally:
         hook.remove()
     assert stepped == list(range(NUM_STEPS, 0, -1))
@@ -117,8 +120,8 @@ def test_guidance_changes_the_trajectory_from_step_t_h_on(components: DiTBundle,
     trajectories = []
     for gamma in (0.0, 0.1):
         samples = {}
-        refine.refine_latents(clean, LABELS, components, noise, t_f=NUM_STEPS,
-                              num_steps=NUM_STEPS, t_h=40, t_l=25, gamma=gamma)
+        refine.refine_latents(clean, LABELS, components, noise,
+                              DiverOptions(t_f=NUM_STEPS, gamma=gamma))
         trajectories.append(samples)
     plain, guided = trajectories
     for k in range(NUM_STEPS, 39, -1):  # what steps 50..40 start from: nothing guided yet
@@ -132,8 +135,8 @@ def test_larger_gamma_ends_closer_to_z0(components: DiTBundle, t_r: int | None) 
     noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     distances = []
     for gamma in (0.0, 0.05, 0.1, 0.3):
-        final = refine.refine_latents(clean, LABELS, components, noise, t_f=25, t_r=t_r,
-                                      num_steps=NUM_STEPS, t_h=40, t_l=25, gamma=gamma)
+        final = refine.refine_latents(clean, LABELS, components, noise,
+                                      DiverOptions(t_r=t_r, gamma=gamma))
         distances.append(float((final - clean).norm()))
     assert distances == sorted(distances, reverse=True)
     assert len(set(distances)) == len(distances), distances
@@ -144,8 +147,8 @@ def test_t_f_zero_returns_the_vae_reconstruction(components: DiTBundle,
     calls = []
     hook = components.transformer.register_forward_hook(lambda *args: calls.append(1))
     try:
-        refined = refine.diver_refine(distilled_images, LABELS, components, t_f=0,
-                                      progress=False)
+        refined = refine.diver_refine(distilled_images, LABELS, components,
+                                      DiverOptions(t_f=0), progress=False)
     finally:
         hook.remove()
     vae = components.vae
@@ -163,8 +166,9 @@ def test_t_f_zero_returns_the_vae_reconstruction(components: DiTBundle,
 def test_deterministic_for_a_seed_whatever_the_batch_size(components: DiTBundle,
                                                           distilled_images: torch.Tensor) -> None:
     def run(seed: int, batch_size: int) -> torch.Tensor:
-        return refine.diver_refine(distilled_images, LABELS, components, num_steps=10, t_f=8,
-                                   t_h=6, t_l=3, seed=seed, batch_size=batch_size, progress=False)
+        return refine.diver_refine(distilled_images, LABELS, components,
+                                   DiverOptions(num_steps=10, t_f=8, t_h=6, t_l=3), seed=seed,
+                                   batch_size=batch_size, progress=False)
 
     first = run(seed=0, batch_size=3)
     assert torch.equal(first, run(seed=0, batch_size=3))
@@ -172,12 +176,11 @@ def test_deterministic_for_a_seed_whatever_the_batch_size(components: DiTBundle,
     assert not torch.allclose(first, run(seed=1, batch_size=3))
 
 
-def test_invalid_steps_are_refused_before_any_work(components: DiTBundle,
-                                                   distilled_images: torch.Tensor) -> None:
+def test_invalid_steps_are_refused_when_the_options_are_built() -> None:
     for bad in ({"t_f": 51}, {"t_f": 30, "t_r": 20}, {"t_h": 20, "t_l": 30}, {"t_l": 0},
-                {"cfg_scale": 0.5}):
+                {"cfg_scale": 0.5}, {"t_r": 51}):
         with pytest.raises(ValueError):
-            refine.diver_refine(distilled_images, LABELS, components, progress=False, **bad)
+            DiverOptions(**bad)
 
 
 # -- loading and the CLI ---------------------------------------------------------------------
@@ -240,8 +243,6 @@ def test_cli_refines_mtt_tensors_into_an_image_folder(tiny_dit_dir, tmp_path) ->
 
 
 def test_cli_refines_an_image_folder(tiny_dit_dir, tmp_path) -> None:
-    from PIL import Image
-
     for wnid in ("n01440764", "n02102040"):
         (tmp_path / "in" / wnid).mkdir(parents=True)
         Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "in" / wnid / "a.png")
@@ -273,8 +274,9 @@ def test_out_of_memory_halves_the_batch_with_the_same_result(components: DiTBund
     import logging
 
     def run(batch_size: int) -> torch.Tensor:
-        return refine.diver_refine(distilled_images, LABELS, components, num_steps=10, t_f=4,
-                                   t_h=3, t_l=2, seed=0, batch_size=batch_size, progress=False)
+        return refine.diver_refine(distilled_images, LABELS, components,
+                                   DiverOptions(num_steps=10, t_f=4, t_h=3, t_l=2), seed=0,
+                                   batch_size=batch_size, progress=False)
 
     at_three, at_one = run(3), run(1)
     sizes = small_device(components.transformer, "forward", 2)
@@ -285,3 +287,39 @@ def test_out_of_memory_halves_the_batch_with_the_same_result(components: DiTBund
     assert sizes[0] == 6 and set(sizes[1:]) == {2}  # 3 images, then 1 (CFG doubles rows)
     assert ["DIVER refine: out of memory at batch size 3" in r.getMessage()
             for r in caplog.records if r.name == "gridistill.resources"] == [True]
+
+
+def test_cli_refuses_steps_out_of_order_with_one_line(tmp_path, capsys) -> None:
+    args = parse_refine_args("--input", str(tmp_path), "--out", str(tmp_path / "out"),
+                             "--t-f", "30", "--t-r", "20")
+    assert run_refine(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "need 0 <= t_f <= t_r <= num_steps" in err
+
+
+def test_run_options_reach_the_refine_stage(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gridistill run --refine --t-r 50 --gamma 0.02``: the stage calls DIVER with exactly
+    the options the command line gave (DIVER itself is replaced by a recorder)."""
+    from gridistill.cli import build_parser, config_from_args
+    from gridistill.stages import ArtifactRef, StoreSpec
+    from gridistill.storage import RunStore
+    from tasks.grids import write_grid_images
+
+    config = config_from_args(build_parser().parse_args(
+        ["run", "--refine", "--t-r", "50", "--gamma", "0.02", "--out", str(tmp_path / "run")]))
+    params = refine.RefineParams(diver=config.diver, seed=config.seed, progress=False)
+    received = []
+
+    def recording_refine(images, labels, components, options, **kwargs):
+        received.append(options)
+        return images
+
+    monkeypatch.setattr(refine, "diver_refine", recording_refine)
+    monkeypatch.setattr(refine, "load_dit_for", lambda params: None)
+    store = StoreSpec(root=config.out)
+    write_grid_images(store.open(), "enhance/n01440764/k", [Image.new("RGB", (16, 16))])
+    enhanced = ArtifactRef(stage="enhance", scope="n01440764", key="k",
+                           folder="enhance/n01440764/k")
+    refine.refine_class.fn(store, "n01440764", params, [enhanced])
+    assert received == [DiverOptions(t_r=50, gamma=0.02)]
+    assert RunStore(config.out).list("refine/n01440764")
