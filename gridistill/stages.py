@@ -13,11 +13,13 @@ writes its outputs under ``folder``. :func:`stage_task` turns it into a Prefect 
 
 The code version is a hash of the definitions the compute function reaches: starting from
 it, every module-level function, class and constant of this project that its code names (also
-through imports, in any module) is followed, and each is hashed as its syntax tree with
-docstrings stripped, so comments, docstrings and formatting never re-key an artifact, while a
-change to a helper in another module (a crop, a model's preprocessing) re-keys exactly the
-stages that reach it. Type annotations are not followed: they are never evaluated. The commit
-marker lists the hash of each definition, so two commits show what changed between them.
+through imports, in any module) is followed, and each is hashed as the code its syntax tree
+gives back with docstrings stripped. So comments, docstrings and formatting never re-key an
+artifact, nor does moving unchanged code to another module, while a change to a helper in
+another module (a crop, a model's preprocessing) re-keys exactly the stages that reach it.
+Type annotations are not followed (they are never evaluated), nor is library code: a new
+library version does not re-key anything. The commit marker lists the hash of each
+definition, so two commits show what changed between them.
 
 Parameters that change how a stage runs but never what it makes are marked on their field
 with :data:`NotInKey` (``device: Annotated[str, NotInKey] = "cpu"``) and left out of the key.
@@ -282,10 +284,14 @@ class CodeIndex:
         return dict(sorted(hashes.items()))
 
     def version(self, roots: Sequence[Callable[..., Any]]) -> str:
-        """One hash of the roots' code. Definitions are hashed by content, not by where they
-        live, so moving unchanged code to another module keeps every key."""
-        return hashlib.sha256("\n".join(sorted(self.definitions(roots).values())).encode()
-                              ).hexdigest()[:12]
+        """One hash of the roots' code."""
+        return _version(self.definitions(roots))
+
+
+def _version(definitions: Mapping[str, str]) -> str:
+    # By content, not by where each definition lives: moving unchanged code to another module
+    # keeps every key.
+    return hashlib.sha256("\n".join(sorted(definitions.values())).encode()).hexdigest()[:12]
 
 
 _CODE = CodeIndex()
@@ -300,7 +306,7 @@ def code_definitions(compute: Callable[..., Any]) -> dict[str, str]:
 @functools.cache
 def code_version(compute: Callable[..., Any]) -> str:
     """The code version of a stage: see the module doc."""
-    return _CODE.version([compute])
+    return _version(code_definitions(compute))
 
 
 # -- keys --------------------------------------------------------------------------------------

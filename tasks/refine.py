@@ -224,13 +224,13 @@ def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components
 
 
 # -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------
-from typing import Any  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
 
 from pydantic import BaseModel  # noqa: E402
 
 from gridistill.distilled_sets import imagenet_wnids  # noqa: E402
 from gridistill.models import cached_model, load_dit  # noqa: E402
-from gridistill.stages import ArtifactRef, stage_task  # noqa: E402
+from gridistill.stages import ArtifactRef, NotInKey, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
 from tasks.grids import (  # noqa: E402
     pil_to_tensor,
@@ -243,9 +243,9 @@ from tasks.grids import (  # noqa: E402
 class RefineParams(BaseModel):
     diver: DiverOptions = DiverOptions()
     seed: int = 0
-    device: str = "cpu"
-    batch_size: int = 32
-    progress: bool = True
+    device: Annotated[str, NotInKey] = "cpu"
+    batch_size: Annotated[int, NotInKey] = 32
+    progress: Annotated[bool, NotInKey] = True
 
 
 def imagenet_index(class_name: str) -> int:

@@ -106,6 +106,11 @@ def test_a_change_to_a_model_loader_rekeys_the_stage_that_uses_it(function, stag
     assert rekeyed("gridistill.models", with_statement(function, "source = str(source)")) == stages
 
 
+def test_a_change_to_a_reader_rekeys_the_stage_that_reads_not_the_one_that_wrote():
+    # read_embeddings lives in tasks/embed.py, but only select runs it.
+    assert rekeyed("tasks.embed", with_statement("read_embeddings", "ref = ref")) == {"select"}
+
+
 def test_a_change_to_the_wnid_table_rekeys_the_stages_that_label_by_wnid():
     edit = with_statement("imagenet_wnids", "sorted_order = True")
     assert rekeyed("gridistill.distilled_sets", edit) == {"refine", "teacher", "evaluate"}
@@ -116,6 +121,17 @@ def test_a_change_to_a_function_no_stage_uses_rekeys_nothing():
     assert rekeyed("gridistill.distilled_sets", edit) == set()
 
 
+def test_moving_unchanged_code_to_another_module_keeps_every_key():
+    """As when a module is split: the definition moves, its old module imports it back."""
+    grids, ingest = ast.parse(real_source("tasks.grids")), ast.parse(real_source("tasks.ingest"))
+    [moved] = [node for node in grids.body if getattr(node, "name", "") == "center_crop_square"]
+    grids.body.remove(moved)
+    grids.body.insert(0, ast.parse("from tasks.ingest import center_crop_square").body[0])
+    ingest.body.append(moved)
+    assert versions({"tasks.grids": ast.unparse(grids),
+                     "tasks.ingest": ast.unparse(ingest)}) == versions()
+
+
 def test_the_stage_machinery_and_its_decorator_arguments_are_not_stage_code():
     assert not any(name.startswith("gridistill.stages:") for compute in STAGES.values()
                    for name in CodeIndex().definitions([compute]))
@@ -123,6 +139,28 @@ def test_the_stage_machinery_and_its_decorator_arguments_are_not_stage_code():
     assert '@stage_task("grids")' in source
     edited = source.replace('@stage_task("grids")', '@stage_task("grids", retries=5)')
     assert versions({"tasks.grids": edited}) == versions()
+
+
+def test_how_a_stage_runs_is_marked_out_of_its_key_on_the_field():
+    from gridistill.stages import NotInKey
+    from tasks.embed import EmbedParams
+    from tasks.enhance import EnhanceParams
+    from tasks.evaluate import EvalParams, TeacherParams
+    from tasks.grids import GridParams
+    from tasks.ingest import LoadParams
+    from tasks.refine import RefineParams
+    from tasks.select import SelectParams
+
+    def not_in_key(model) -> set[str]:
+        return {name for name, field in model.model_fields.items() if NotInKey in field.metadata}
+
+    assert {model.__name__: not_in_key(model) for model in (
+        LoadParams, EmbedParams, SelectParams, GridParams, EnhanceParams, RefineParams,
+        TeacherParams, EvalParams)} == {
+        "LoadParams": set(), "EmbedParams": {"device", "batch_size", "num_workers", "progress"},
+        "SelectParams": set(), "GridParams": set(), "EnhanceParams": {"device", "progress"},
+        "RefineParams": {"device", "batch_size", "progress"},
+        "TeacherParams": {"device", "progress"}, "EvalParams": {"device", "progress"}}
 
 
 def test_the_process_wide_version_is_the_index_of_the_files():
