@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gridistill.stages import CodeIndex, code_definitions, code_version
+from gridistill.storage import RunStore
 from tasks.embed import embed_class
 from tasks.enhance import enhance_class
 from tasks.evaluate import evaluate_grids, train_teacher_on_pool
@@ -167,3 +168,40 @@ def test_the_process_wide_version_is_the_index_of_the_files():
     compute = STAGES["grids"]
     assert code_version(compute) == CodeIndex().version([compute])
     assert "tasks.grids:assemble_grid" in code_definitions(compute)
+
+
+@pytest.fixture
+def edited_code(monkeypatch):
+    """Stage keys computed, for this test, as if the given modules had the given sources."""
+    import gridistill.stages as stages
+
+    def use(sources: dict[str, str]) -> None:
+        monkeypatch.setattr(stages, "_CODE", CodeIndex(sources))
+        code_version.cache_clear()
+        code_definitions.cache_clear()
+
+    yield use
+    code_version.cache_clear()
+    code_definitions.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_rerun_after_comment_edits_is_cached_and_a_crop_change_recomputes_the_evaluations(
+        prefect_harness, tiny_dataset, tmp_path, edited_code):
+    from test_flow import statuses, tiny_config
+
+    from flows.distill import distill
+
+    config = tiny_config(tiny_dataset, str(tmp_path / "run"))
+    store_stages = ["load", "embed", "select", "grids", "enhance", "evaluate"]
+    distill(config)
+    edited_code({module: reworded_docstrings(reworded_comments(real_source(module)))
+                 for module in modules_reached()})
+    distill(config)
+    store = RunStore(config.out)
+    assert statuses(store) == {stage: {"Cached"} for stage in store_stages}
+    edited_code({"tasks.augment": with_statement("sample_crop_box", "p_align = 0.0")(
+        real_source("tasks.augment"))})
+    distill(config)
+    assert statuses(store) == {stage: {"Completed" if stage == "evaluate" else "Cached"}
+                               for stage in store_stages}
