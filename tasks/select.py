@@ -848,6 +848,10 @@ def ssdim(
     torch tensor (on any device).
 
     ``seed`` draws the relaxation's coverage anchors; the same seed gives the same selection.
+
+    Threads: the spectrum and the solvers run on one BLAS thread (threadpoolctl) whatever the
+    caller's setting, so a call is as fast on a shared CPU as on an idle one; the dense kernel
+    and the kNN graph use the caller's BLAS threads.
     """
     if solver not in SSDIM_SOLVERS:
         raise ValueError(f"unknown SSDIM solver {solver!r}; choose one of {SSDIM_SOLVERS}")
@@ -870,15 +874,22 @@ def ssdim(
         dense_kernel = coverage == "exact" and num_images < KNN_FROM_IMAGES
     if device == "auto":
         device = "cuda" if _torch().cuda.is_available() else None
+    # The two large products (the dense kernel, the kNN graph) use the caller's BLAS threads.
     kernel = _Kernel(unit, dense=dense_kernel, device=device)
-    energy, projections = _spectrum(unit, rank)
     weights = (float(alpha), float(beta), float(gamma))
     surrogate = None
     if coverage == "knn":
         surrogate = _NeighbourCoverage(*kernel.neighbours(min(neighbours, num_images)))
-    if solver == "greedy":
-        return _plain_greedy(kernel, k, weights, energy, eps, surrogate)[0]
-    return _three_stage(kernel, projections, energy, k, weights, eps, seed, surrogate)
+    # The spectrum's d x d eigensolver and the solvers make thousands of small BLAS calls that
+    # a thread pool only slows: on a shared CPU its threads spin-wait for busy cores (10-20x
+    # slower, benchmarks/selection.md). They run on one thread whatever the caller's setting.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        energy, projections = _spectrum(unit, rank)
+        if solver == "greedy":
+            return _plain_greedy(kernel, k, weights, energy, eps, surrogate)[0]
+        return _three_stage(kernel, projections, energy, k, weights, eps, seed, surrogate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -469,3 +469,38 @@ def _cuda_available() -> bool:
 @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
 def test_cuda_backend_matches_numpy():
     _same_objective_on("cuda")
+
+
+def test_ssdim_solves_on_one_blas_thread_whatever_the_caller_set(monkeypatch):
+    """A notebook with two BLAS threads on a busy CPU: the large kernel product keeps them, the
+    spectrum and the solver's many small calls run on one (spin-waiting threads cost 10-20x)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    seen: dict[str, list[set[int]]] = {"kernel": [], "spectrum": [], "solve": []}
+    kernel_init, spectrum, rows = (selection._Kernel.__init__, selection._spectrum,
+                                   selection._Kernel.rows)
+
+    def recording_init(self, *args, **kwargs):
+        seen["kernel"].append(blas_threads())
+        kernel_init(self, *args, **kwargs)
+
+    def recording_spectrum(*args, **kwargs):
+        seen["spectrum"].append(blas_threads())
+        return spectrum(*args, **kwargs)
+
+    def recording_rows(self, indices):
+        seen["solve"].append(blas_threads())
+        return rows(self, indices)
+
+    monkeypatch.setattr(selection._Kernel, "__init__", recording_init)
+    monkeypatch.setattr(selection, "_spectrum", recording_spectrum)
+    monkeypatch.setattr(selection._Kernel, "rows", recording_rows)
+    embeddings = np.random.default_rng(0).standard_normal((200, 32)).astype(np.float32)
+    with threadpool_limits(limits=2, user_api="blas"):
+        selection.ssdim(embeddings, 16)
+        assert blas_threads() == {2}  # the caller's setting is back afterwards
+    assert seen["kernel"] == [{2}]
+    assert seen["spectrum"] == [{1}] and seen["solve"] and set().union(*seen["solve"]) == {1}
