@@ -1,14 +1,15 @@
-"""The distillation DAG across work pools: CPU stages on ``cpu`` workers, GPU stages on
-``gpu`` workers.
+"""The distillation DAG (:mod:`flows.dag`) across work pools: CPU stages on ``cpu`` workers,
+GPU stages on ``gpu`` workers.
 
 The parent flow (``gridistill-pooled``) only orders calls. It runs the cheap dataset index
-itself, then starts one *segment* per pool hop as a run of the ``gridistill-stage`` flow,
-through the deployment for that pool (``run_deployment``)::
+itself, then starts one *segment* per pool hop (the consecutive DAG nodes that
+:func:`flows.dag.build_dag` gives one hop name, see :func:`segments`) as a run of the
+``gridistill-stage`` flow, through the deployment for that pool (``run_deployment``)::
 
     parent:  index ─ [load]cpu ─ [embed]gpu ─ [select → grids]cpu ─ [enhance → refine]gpu
                      ─ [teacher → evaluate]gpu ─ report
 
-A segment maps its stage tasks over a chunk of classes (``PoolOptions.classes_per_run``)
+A segment maps its nodes' tasks over a chunk of classes (``PoolOptions.classes_per_run``)
 under the configured task runner; consecutive segments of one pool that need no chunking
 share one run (:func:`plan_runs`). A run then writes what it produced (artifact refs, task states,
 timings) to an *outbox* JSON in the run root. Every stage output is a content-keyed folder
@@ -23,10 +24,11 @@ and hold one slot of the global concurrency limit ``gpu`` while they run.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from prefect import flow, task, unmapped
@@ -40,20 +42,27 @@ from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from flows.dag import (
+    Dag,
+    Node,
+    Pool,
+    Refs,
+    Setup,
+    build_dag,
+    class_names,
+    collect,
+    index_and_check,
+    report_run,
+    submit,
+)
 from gridistill.config import CREDENTIAL_NAME, DistillConfig
 from gridistill.runners import build_task_runner
 from gridistill.stages import ArtifactRef, StoreSpec
-
-SegmentName = Literal["load", "embed", "select-grids", "enhance", "evaluate"]
-Pool = Literal["cpu", "gpu"]
-# stage label ("load", "grids:ssdim", "evaluate") -> scope (class, or method for evaluate) -> ref
-Refs = dict[str, dict[str, ArtifactRef]]
 
 
 class GPUUnavailableError(RuntimeError):
@@ -81,7 +90,7 @@ class SegmentRequest(BaseModel):
     ``segments`` are consecutive segments of one pool, run back to back in this one process
     (see :func:`plan_runs`)."""
 
-    segments: list[SegmentName]
+    segments: list[str]
     config: DistillConfig
     dataset: ArtifactRef
     classes: list[str]
@@ -99,19 +108,27 @@ class SegmentOutput(BaseModel):
 
 @dataclass(frozen=True)
 class Segment:
-    name: SegmentName
+    """A pool hop: consecutive DAG nodes of one hop name, on one pool, all per class or all
+    once per run."""
+
+    name: str
     pool: Pool
     per_class: bool  # False: needs every class at once (evaluate), so never chunked
+    nodes: tuple[Node, ...]
 
 
-SEGMENTS: tuple[Segment, ...] = (
-    Segment("load", "cpu", True),
-    Segment("embed", "gpu", True),
-    Segment("select-grids", "cpu", True),
-    Segment("enhance", "gpu", True),
-    Segment("evaluate", "gpu", False),
-)
-GPU_STAGES = ("embed", "enhance", "refine", "teacher", "evaluate")
+def segments(dag: Dag) -> list[Segment]:
+    """The DAG's pool hops, in order."""
+    found = []
+    for hop, group in itertools.groupby(dag.nodes, key=lambda node: node.hop):
+        nodes = tuple(group)
+        kinds = {(node.pool, node.per_class) for node in nodes}
+        if len(kinds) != 1:
+            raise ValueError(f"hop {hop!r} mixes pools or per-class and once-per-run nodes: "
+                             f"{sorted(kinds)}")
+        [(pool, per_class)] = kinds
+        found.append(Segment(hop, pool, per_class, nodes))
+    return found
 
 
 # -- secrets never reach a log ---------------------------------------------------------------
@@ -143,210 +160,45 @@ def segment_device(pool: Pool, requested: str) -> str:
         return "cpu"
     if not torch.cuda.is_available():
         raise GPUUnavailableError(
-            f"this worker has no CUDA device, but GPU stages {GPU_STAGES} were asked to run on "
+            f"this worker has no CUDA device, but its GPU stages were asked to run on "
             f"device={requested!r}: start it on a CUDA worker of the gpu pool, or rerun with "
             "device='cpu' to run them on the CPU on purpose")
     return "cuda" if requested == "auto" else requested
 
 
-def _with_storage(stage_task: Any, config: DistillConfig) -> Any:
-    """The stage task, caching into the configured result storage (shared by all workers)."""
-    if config.result_storage:
-        return stage_task.with_options(result_storage=config.result_storage)
-    return stage_task
-
-
-@dataclass
-class _SegmentRun:
-    request: SegmentRequest
-    device: str
-    store: StoreSpec
-    futures: dict[str, dict[str, PrefectFuture]]
-    notes: list[str]
-    embedder: str | None = None
-
-    @property
-    def config(self) -> DistillConfig:
-        return self.request.config
-
-    def ref(self, label: str, name: str) -> ArtifactRef | PrefectFuture:
-        """A class's output of an earlier stage: from this run when it made it, else sent."""
-        if label in self.futures:
-            return self.futures[label][name]
-        return self.request.upstream[label][name]
-
-    def upstream(self, label: str, *also: ArtifactRef) -> list[list[Any]]:
-        return [[self.ref(label, name), *also] for name in self.request.classes]
-
-    def fan_out(self, label: str, stage_task: Any, params: BaseModel,
-                upstream: list[list[Any]], stage: str) -> None:
-        """Map ``stage_task`` over the segment's classes; force flags from the config."""
-        classes = self.request.classes
-        futures = _with_storage(stage_task, self.config).map(
-            unmapped(self.store), classes, unmapped(params), upstream,
-            self.config.forced(stage, classes))
-        self.futures[label] = dict(zip(classes, futures, strict=True))
-
-
-# Each segment body imports only its own stage modules: a segment run is a fresh process on
-# a worker, and importing every stage (diffusers, timm, open_clip) would add ~15 s to each.
-def _load(run: _SegmentRun) -> None:
-    from tasks.ingest import LoadParams, load_class
-
-    classes = run.request.classes
-    run.fan_out("load", load_class, LoadParams(), [[run.request.dataset]] * len(classes), "load")
-
-
-def _embed(run: _SegmentRun) -> None:
-    from tasks.embed import EmbedParams, choose_embedder, embed_class
-
-    config = run.config
-    # Resolved here, on the GPU worker, because that is where the CLIP weights are.
-    choice = choose_embedder(config.embedder, clip_model=config.clip_model,
-                             clip_pretrained=config.clip_pretrained, device=run.device,
-                             classifier_checkpoint=config.classifier_checkpoint)
-    if choice.fallback_reason:
-        run.notes.append(f"EMBEDDER FALLBACK: {choice.fallback_reason}")
-    run.embedder = f"{choice.name} (weights: {choice.weights})"
-    run.fan_out("embed", embed_class, EmbedParams(
-        embedder=choice.name.split(":")[0], clip_model=config.clip_model,
-        clip_pretrained=config.clip_pretrained, device=run.device, progress=config.progress,
-        classifier_checkpoint=config.classifier_checkpoint,
-    ), run.upstream("load"), "embed")
-
-
-def _select_grids(run: _SegmentRun) -> None:
-    from tasks.grids import GridParams, assemble_class_grids
-    from tasks.select import SelectParams, cells_per_side, select_class
-
-    config = run.config
-    for method in config.methods:
-        side = cells_per_side(method, config.grid_size)
-        run.fan_out(f"select:{method}", select_class, SelectParams(
-            method=method, ipc=config.ipc, grid_size=side,
-            grid_selection=config.grid_selection, seed=config.seed,
-        ), run.upstream("embed"), "select")
-        selected = run.futures[f"select:{method}"]
-        run.fan_out(f"grids:{method}", assemble_class_grids, GridParams(
-            grid_size=side, resolution=config.grid_resolution,
-        ), [[selected[name]] for name in run.request.classes], "grids")
-
-
-def enhance_suffixes(config: DistillConfig) -> dict[str, str]:
-    """Backend -> the suffix of its stage labels: none for one backend, ``[backend]`` for an
-    ablation over several (the labels flows/distill.py uses)."""
-    return {backend: "" if len(config.enhance) == 1 else f"[{backend}]"
-            for backend in config.enhance}
-
-
-def _enhance(run: _SegmentRun) -> None:
-    from tasks.enhance import EnhanceParams, enhance_class, load_enhancer
-
-    config = run.config
-    enhancers = {backend: EnhanceParams(backend=backend, scale=config.enhance_scale,
-                                        seed=config.seed, device=run.device,
-                                        progress=config.progress)
-                 for backend in config.enhance}
-    # Missing weights stop the segment before any class is touched.
-    for enhance in enhancers.values():
-        load_enhancer(enhance)
-    if config.refine:
-        from tasks.refine import RefineParams, load_dit_for, refine_class
-
-        refine = RefineParams(diver=config.diver, seed=config.seed, device=run.device,
-                              progress=config.progress)
-        load_dit_for(refine)
-    for method in config.methods:
-        for backend, suffix in enhance_suffixes(config).items():
-            run.fan_out(f"enhance{suffix}:{method}", enhance_class, enhancers[backend],
-                        run.upstream(f"grids:{method}", run.request.dataset), "enhance")
-            if config.refine:
-                enhanced = run.futures[f"enhance{suffix}:{method}"]
-                run.fan_out(f"refine{suffix}:{method}", refine_class, refine,
-                            [[enhanced[name]] for name in run.request.classes], "refine")
-
-
-def trained_on(config: DistillConfig) -> dict[str, str]:
-    """Evaluated set name -> the stage label whose grids it trains on (distill.py's order)."""
-    names = {}
-    for method in config.methods:
-        for backend, suffix in enhance_suffixes(config).items():
-            name = f"{method}+{backend}" if suffix else method
-            names[name] = f"enhance{suffix}:{method}"
-            if config.refine:
-                names[f"{name}+diver"] = f"refine{suffix}:{method}"
-    return names
-
-
-def _evaluate(run: _SegmentRun) -> None:
-    from tasks.evaluate import EvalParams, evaluate_grids, teacher_params, train_teacher_on_pool
-    from tasks.select import cells_per_side
-
-    config, request = run.config, run.request
-    dataset = request.dataset
-    teaching = teacher_params(config, run.device)
-    # Soft-label protocols need a teacher (packaged, or trained on the pool); a GPU stage.
-    teacher = [_with_storage(train_teacher_on_pool, config).submit(
-        run.store, "all", teaching, [dataset], any(config.forced("teacher", request.classes)),
-    )] if teaching is not None else []
-    if teacher:
-        run.futures["teacher"] = {"all": teacher[0]}
-    force = any(config.forced("evaluate", request.classes))
-    evaluations = {}
-    for name, label in trained_on(config).items():
-        side = cells_per_side(label.partition(":")[2], config.grid_size)
-        evaluations[name] = _with_storage(evaluate_grids, config).submit(
-            run.store, name, EvalParams(
-                student=config.eval_student, protocol=config.eval_protocol,
-                grid_size=side if side > 1 else None, image_size=config.eval_image_size,
-                epochs=config.eval_epochs, ipc=config.ipc, seeds=config.eval_seeds,
-                seed=config.seed, num_classes=dataset.meta["num_classes"], device=run.device,
-                progress=config.progress,
-            ), [dataset, *teacher, *(run.ref(label, name) for name in request.classes)],
-            force)
-    run.futures["evaluate"] = evaluations
-
-
-SEGMENT_BODIES: dict[SegmentName, Callable[[_SegmentRun], None]] = {
-    "load": _load, "embed": _embed, "select-grids": _select_grids, "enhance": _enhance,
-    "evaluate": _evaluate,
-}
+def _requested(request: SegmentRequest) -> tuple[Dag, list[Segment]]:
+    dag = build_dag(request.config)
+    return dag, [segment for segment in segments(dag) if segment.name in request.segments]
 
 
 @flow(name="gridistill-segment-tasks")
 def _segment_tasks(request: SegmentRequest, device: str) -> SegmentOutput:
     """The segment's task fan-out; a subflow so that it runs under the configured runner."""
     config = request.config
-    run = _SegmentRun(request, device, StoreSpec(root=config.out,
-                                                 storage_options=config.storage_options), {}, [])
-    for segment in request.segments:
-        SEGMENT_BODIES[segment](run)
-    output = SegmentOutput(notes=run.notes, embedder=run.embedder)
-    for label, per_scope in run.futures.items():
-        output.refs[label] = {}
-        for scope, future in per_scope.items():
-            ref = future.result()
-            cached = future.state.name == "Cached"
-            output.refs[label][scope] = ref
-            output.timings.append({"stage": label, "scope": scope, "status": future.state.name,
-                                   "seconds": 0.0 if cached else round(ref.seconds, 3)})
-    return output
+    dag, requested = _requested(request)
+    setup = Setup(config, device)
+    futures = submit(dag, [node for segment in requested for node in segment.nodes], setup,
+                     StoreSpec(root=config.out, storage_options=config.storage_options),
+                     request.dataset, request.classes, request.upstream)
+    refs, timings = collect(futures)
+    return SegmentOutput(refs=refs, timings=timings, notes=setup.notes(),
+                         embedder=setup.embedder_summary())
 
 
 @flow(name="gridistill-stage")
 def run_segment(request: SegmentRequest) -> str:
     """Run one segment of the DAG on this worker; returns the URL of its outbox."""
     log = get_run_logger()
-    segment = next(s for s in SEGMENTS if s.name == request.segments[0])
     config = request.config
+    pool = _requested(request)[1][0].pool
     use_credentials_block(config)
-    device = segment_device(segment.pool, config.device)
+    device = segment_device(pool, config.device)
     runner = build_task_runner(config.task_runner, max_workers=config.worker_count(),
                                address=config.task_runner_address)
     log.info("segments %s (%s pool) on %s: %d classes, run root %s", request.segments,
-             segment.pool, device, len(request.classes), config.out)
+             pool, device, len(request.classes), config.out)
     gpu_slot = (concurrency(request.gpu_concurrency_limit, occupy=1, strict=True)
-                if segment.pool == "gpu" else contextlib.nullcontext())
+                if pool == "gpu" else contextlib.nullcontext())
     with gpu_slot:
         output = _segment_tasks.with_options(task_runner=runner)(request, device)
     run_store = StoreSpec(root=config.out, storage_options=config.storage_options).open()
@@ -390,13 +242,13 @@ class PlannedRun:
         return "+".join(segment.name for segment in self.segments)
 
 
-def plan_runs(classes: list[str], classes_per_run: int | None) -> list[PlannedRun]:
+def plan_runs(dag: Dag, classes: list[str], classes_per_run: int | None) -> list[PlannedRun]:
     """The segment runs, in order. Per-class segments split the classes into chunks;
     consecutive segments of one pool that each fit in one run share it (a process start and
     the stage imports are paid once)."""
     chunks = chunked(classes, classes_per_run)
     planned: list[PlannedRun] = []
-    for segment in SEGMENTS:
+    for segment in segments(dag):
         segment_chunks = chunks if segment.per_class else [classes]
         previous = planned[-1] if planned else None
         if (previous and previous.segments[-1].pool == segment.pool
@@ -407,46 +259,38 @@ def plan_runs(classes: list[str], classes_per_run: int | None) -> list[PlannedRu
     return planned
 
 
-def _needed(refs: Refs, segments: tuple[Segment, ...], config: DistillConfig,
-            classes: list[str]) -> Refs:
-    """The upstream refs a run reads, for its classes only (keeps parameters small). Labels
-    not made yet are made inside the run itself."""
-    reads = {"load": [], "embed": ["load"], "select-grids": ["embed"],
-             "enhance": [f"grids:{m}" for m in config.methods],
-             "evaluate": list(trained_on(config).values())}
-    labels = [label for segment in segments for label in reads[segment.name] if label in refs]
-    return {label: {name: refs[label][name] for name in classes} for label in labels}
+def segment_requests(planned: PlannedRun, dag: Dag, dataset: ArtifactRef, refs: Refs,
+                     run_id: str, gpu_concurrency_limit: str) -> list[SegmentRequest]:
+    """One request per chunk of ``planned``, each carrying only the upstream refs its nodes
+    read, for its own classes (keeps parameters small). Labels the run makes itself are not
+    sent."""
+    made = {node.label for segment in planned.segments for node in segment.nodes}
+    labels = dict.fromkeys(label for segment in planned.segments for node in segment.nodes
+                           for label in node.inputs if label in refs and label not in made)
+    return [SegmentRequest(
+        segments=[segment.name for segment in planned.segments], config=dag.config,
+        dataset=dataset, classes=chunk, upstream={
+            label: {name: refs[label][name] for name in chunk} if dag.per_class(label)
+            else refs[label] for label in labels},
+        outbox=f"orchestration/{run_id}/{planned.name}-{index:04d}.json",
+        gpu_concurrency_limit=gpu_concurrency_limit,
+    ) for index, chunk in enumerate(planned.chunks)]
 
 
 # The parent only waits on segment runs, so threads are cheap; the cap bounds open API polls.
 @flow(name="gridistill-pooled", task_runner=ThreadPoolTaskRunner(max_workers=32))
 def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> dict[str, Any]:
     """Distil ``config.data`` with CPU stages on the cpu pool and GPU stages on the gpu pool."""
-    # The parent imports only what it runs itself (a worker process per run pays for it).
-    from tasks.ingest import IndexParams, index_dataset
-    from tasks.report import skip_notes, write_report
-
     pools = pools or PoolOptions()
     log = get_run_logger()
     log.info("config: %s", redact(config.model_dump(mode="json")))
     use_credentials_block(config)
     store = StoreSpec(root=config.out, storage_options=config.storage_options)
-    dataset = index_dataset(store, IndexParams(
-        data=config.data, test_data=config.test_data, class_list=config.class_list,
-        holdout_share=config.holdout_share, seed=config.seed))
-    classes = [name for name, _, _ in dataset.meta["classes"]]
-    if config.refine:
-        from tasks.refine import imagenet_index
-
-        for name in classes:
-            imagenet_index(name)  # every class needs a DiT label before any GPU work
-    from tasks.evaluate import check_imagenet_classes, teacher_params, teacher_summary
-
-    teaching = teacher_params(config, "cpu")
-    if teaching is not None and teaching.test_image_size is not None:
-        check_imagenet_classes(teaching.architecture, classes)  # before any segment starts
+    dataset = index_and_check(config, store)
+    classes = class_names(dataset)
+    dag = build_dag(config)
     run_id = str(flow_run.get_id() or "local")
-    plan = plan_runs(classes, pools.classes_per_run)
+    plan = plan_runs(dag, classes, pools.classes_per_run)
     total_runs = sum(len(planned.chunks) for planned in plan)
     progress = create_progress_artifact(
         0.0, key="gridistill-progress",
@@ -458,13 +302,9 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
     embedder = config.embedder
     done = 0
     for planned in plan:
-        names = [f"{planned.name}[{index}]" for index in range(len(planned.chunks))]
-        requests = [SegmentRequest(
-            segments=[segment.name for segment in planned.segments], config=config,
-            dataset=dataset, classes=chunk, upstream=_needed(refs, planned.segments, config, chunk),
-            outbox=f"orchestration/{run_id}/{planned.name}-{index:04d}.json",
-            gpu_concurrency_limit=pools.gpu_concurrency_limit,
-        ) for index, chunk in enumerate(planned.chunks)]
+        requests = segment_requests(planned, dag, dataset, refs, run_id,
+                                    pools.gpu_concurrency_limit)
+        names = [f"{planned.name}[{index}]" for index in range(len(requests))]
         pool = planned.segments[0].pool
         deployment = pools.gpu_deployment if pool == "gpu" else pools.cpu_deployment
         futures = start_segment.map(requests, names, unmapped(deployment),
@@ -478,32 +318,11 @@ def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> d
             embedder = output.embedder or embedder
             done += 1
             update_progress_artifact(progress, 100.0 * done / total_runs)
-    run_store = store.open()
-    notes += skip_notes([ref for stage in ("load", "embed")
-                         for ref in refs.get(stage, {}).values()])
-    evaluations = [refs["evaluate"][name] for name in trained_on(config)]
-    report_url = write_report(
-        store=store, dataset=dataset, evaluations=evaluations,
-        artifacts=per_method_artifacts(refs, config.methods, classes), timings=timings,
-        notes=notes, summary=config.report_summary(embedder, with_teacher="teacher" in refs) | {
-            "classes": len(classes), "pools": f"{pools.cpu_deployment}, {pools.gpu_deployment}"}
-        | ({"teacher": teacher_summary(refs["teacher"]["all"].meta)} if "teacher" in refs else {}))
-    _publish_links(run_store.url(""), refs)
-    log.info("report: %s", report_url)
-    return {"report": report_url,
-            "metrics": [refs["evaluate"][name].meta["metrics"] | {"method": name}
-                        for name in trained_on(config)]}
-
-
-def per_method_artifacts(refs: Refs, methods: list[str],
-                         classes: list[str]) -> dict[str, dict[str, list[ArtifactRef]]]:
-    """{method: {stage: per-class refs}} of the grids and derived stages, for the report."""
-    artifacts: dict[str, dict[str, list[ArtifactRef]]] = {method: {} for method in methods}
-    for label, per_class in refs.items():
-        stage, _, method = label.partition(":")
-        if method in artifacts and stage != "select":
-            artifacts[method][stage] = [per_class[name] for name in classes]
-    return artifacts
+    result = report_run(store, config, dataset, refs, timings, notes, embedder, {
+        "classes": len(classes), "pools": f"{pools.cpu_deployment}, {pools.gpu_deployment}"})
+    _publish_links(store.open().url(""), refs)
+    log.info("report: %s", result["report"])
+    return result
 
 
 def _stage_folders(root_url: str, refs: Refs) -> Iterator[tuple[str, str, str]]:

@@ -189,17 +189,98 @@ def test_optional_extras_are_pinned():
 
 # -- orchestration helpers -------------------------------------------------------------------
 def test_plan_shares_a_run_between_same_pool_segments_only_when_unchunked():
+    from flows.dag import build_dag
     from flows.pooled import plan_runs
+    from gridistill.config import DistillConfig
 
-    whole = plan_runs(["a", "b", "c"], None)
+    dag = build_dag(DistillConfig(methods=["ssdim", "random"], enhance=["bilinear"]))
+    whole = plan_runs(dag, ["a", "b", "c"], None)
     assert [(p.name, p.chunks) for p in whole] == [
         ("load", [["a", "b", "c"]]), ("embed", [["a", "b", "c"]]),
         ("select-grids", [["a", "b", "c"]]), ("enhance+evaluate", [["a", "b", "c"]])]
-    split = plan_runs(["a", "b", "c"], 2)
+    split = plan_runs(dag, ["a", "b", "c"], 2)
     assert [p.name for p in split] == ["load", "embed", "select-grids", "enhance", "evaluate"]
     assert split[3].chunks == [["a", "b"], ["c"]] and split[4].chunks == [["a", "b", "c"]]
     assert {s.pool for p in split for s in p.segments if s.name in ("embed", "enhance",
                                                                     "evaluate")} == {"gpu"}
+
+
+class _Finished:
+    """A finished task's future, as the segment executor reads it."""
+
+    def __init__(self, ref):
+        self.ref, self.state = ref, type("State", (), {"name": "Completed"})()
+
+    def result(self):
+        return self.ref
+
+
+@pytest.mark.slow
+def test_the_weekly_deployment_hands_each_per_class_task_only_its_class(deployments,
+                                                                        monkeypatch):
+    """With the weekly deployment's parameters and ImageNet's 1,000 classes, the parent plans
+    the segment runs and writes their requests, each goes through JSON as it does to a
+    worker, and the segment's own code binds and starts its tasks: every per-class task gets
+    a dataset ref holding its own class's row only; teacher and evaluate get every row."""
+    from types import SimpleNamespace
+
+    import tasks.embed
+    import tasks.enhance
+    import tasks.refine
+    from flows import dag as dag_module
+    from flows.dag import DATASET, build_dag
+    from flows.pooled import (
+        PoolOptions,
+        SegmentRequest,
+        _segment_tasks,
+        plan_runs,
+        segment_requests,
+    )
+    from gridistill.config import DistillConfig
+    from gridistill.stages import ArtifactRef
+
+    weekly = deployments["imagenet1k-weekly"]["parameters"]
+    config, pools = DistillConfig(**weekly["config"]), PoolOptions(**weekly["pools"])
+    rows = [[f"n{index:08d}", index, f"class {index}"] for index in range(1000)]
+    classes = [name for name, _, _ in rows]
+    dataset = ArtifactRef(stage="dataset", scope="all", key="k", folder="dataset/k",
+                          meta={"classes": rows, "num_classes": len(rows)})
+    # Only the wiring is under test: no model is loaded, no task runs.
+    monkeypatch.setattr(tasks.enhance, "load_enhancer", lambda params: None)
+    monkeypatch.setattr(tasks.refine, "load_dit_for", lambda params: None)
+    monkeypatch.setattr(tasks.embed, "choose_embedder", lambda kind, **_: SimpleNamespace(
+        name="clip:ViT-B-32/laion2b_s34b_b79k", weights="hub", fallback_reason=None))
+    started: list[tuple[str, str, list]] = []
+
+    def launch(stage_task, store, params, scopes, upstream, force):
+        started.extend(zip([stage_task.name] * len(scopes), scopes, upstream, strict=True))
+        return [_Finished(ArtifactRef(stage=stage_task.name, scope=scope, folder="f",
+                                      key=f"{stage_task.name}-{scope}")) for scope in scopes]
+
+    monkeypatch.setattr(dag_module, "launch", launch)
+    dag = build_dag(config)
+    refs: dict = {}
+    plan = plan_runs(dag, classes, pools.classes_per_run)
+    assert [len(planned.chunks) for planned in plan] == [20, 20, 20, 20, 1]
+    for planned in plan:
+        for request in segment_requests(planned, dag, dataset, refs, "weekly", "gpu"):
+            sent = SegmentRequest.model_validate(request.model_dump(mode="json"))
+            for label, per_scope in _segment_tasks.fn(sent, "cuda").refs.items():
+                refs.setdefault(label, {}).update(per_scope)
+
+    datasets_read = {node.stage for node in dag.nodes if DATASET in node.inputs}
+    assert datasets_read == {"load", "enhance", "teacher", "evaluate"}
+    row_of = {row[0]: row for row in rows}
+    seen: dict[str, int] = {}
+    for stage, scope, upstream in started:
+        given = [ref for ref in upstream if isinstance(ref, ArtifactRef)
+                 and ref.stage == "dataset"]
+        assert len(given) == (stage in datasets_read), (stage, scope)
+        if given:
+            expected = rows if stage in ("teacher", "evaluate") else [row_of[scope]]
+            assert given[0].meta["classes"] == expected, (stage, scope)
+            seen[stage] = seen.get(stage, 0) + 1
+    assert seen == {"load": 1000, "enhance": 1000, "teacher": 1, "evaluate": 2}
 
 
 def test_gpu_segments_refuse_a_worker_without_cuda_unless_asked_for_cpu(monkeypatch):

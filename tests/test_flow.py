@@ -177,3 +177,49 @@ def test_packaged_embedder_and_teacher_on_wnid_classes(prefect_harness, tiny_dat
     [embed_folder] = store.list(f"embed/{wnids['alpha']}")
     assert store.read_parquet(f"{embed_folder}/embeddings.parquet")["embedding"].iat[0].size == 1280
     assert {row["protocol"] for row in result["metrics"]} == {"cpu-soft"}
+
+
+def test_both_executors_run_the_same_dag_and_hand_each_class_only_its_row(
+        prefect_harness, tiny_dataset, tmp_path, monkeypatch):
+    """The work-pool executor, each segment run in this process instead of on a worker, makes
+    the in-process flow's artifacts bit for bit; under both, every per-class task's dataset
+    ref holds only its class's row."""
+    from types import SimpleNamespace
+
+    from prefect.states import Completed
+    from reliability.conftest import committed_files
+
+    from deployments.setup import ensure_gpu_limit
+    from flows import dag, pooled
+
+    def run_here(deployment, parameters, flow_run_name, poll_interval):
+        pooled.run_segment(pooled.SegmentRequest.model_validate(parameters["request"]))
+        return SimpleNamespace(state=Completed(), name=flow_run_name, id="in-process")
+
+    dataset_rows: list[tuple[str, str, list]] = []
+    launch = dag.launch
+
+    def recording_launch(stage_task, store, params, scopes, upstream, force):
+        dataset_rows.extend((stage_task.name, scope, ref.meta["classes"])
+                            for scope, refs in zip(scopes, upstream, strict=True)
+                            for ref in refs if getattr(ref, "stage", None) == "dataset")
+        return launch(stage_task, store, params, scopes, upstream, force)
+
+    ensure_gpu_limit(1)  # GPU segments hold a slot of it, as on the deployed stack
+    monkeypatch.setattr(pooled, "run_deployment", run_here)
+    monkeypatch.setattr(dag, "launch", recording_launch)
+    metrics = {}
+    for name, executor in (("distill", distill), ("pooled", pooled.distill_pooled)):
+        dataset_rows.clear()
+        result = executor(tiny_config(tiny_dataset, str(tmp_path / name)))
+        metrics[name] = [(row["method"], row["top1_final_mean"]) for row in result["metrics"]]
+        per_class = [(stage, scope, rows) for stage, scope, rows in dataset_rows
+                     if stage in ("load", "enhance")]
+        assert len(per_class) == 3 + 2 * 3, name  # load per class, enhance per class and method
+        assert all([row[0] for row in rows] == [scope] for _, scope, rows in per_class), name
+    stages = ("dataset", "load", "embed", "select", "grids", "enhance", "evaluate")
+    in_process, on_pools = (committed_files(tmp_path / name, stages)
+                            for name in ("distill", "pooled"))
+    assert on_pools.keys() == in_process.keys() and len(on_pools) > 3 * len(stages)
+    assert [path for path in on_pools if on_pools[path] != in_process[path]] == []
+    assert metrics["pooled"] == metrics["distill"]
