@@ -55,6 +55,27 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
+class ChangedFileError(ValueError):
+    """A selected file whose bytes are no longer those the load stage hashed. A ValueError, so
+    the stage is not retried: only a rerun from load (which re-embeds the file) can fix it."""
+
+
+def read_unchanged_image(path: str, sha256: str,
+                         storage_options: dict[str, Any] | None = None) -> Image.Image:
+    """Decode ``path``, refusing it unless its bytes still hash to ``sha256`` (load's hash):
+    a grid must show the image that was embedded and selected, not what the file holds now."""
+    decoded = read_image(path, storage_options)
+    if not decoded.sha256:  # not read at all: a storage failure, which a retry may get past
+        raise OSError(f"{path}: cannot read the selected image ({decoded.error})")
+    if decoded.sha256 != sha256:
+        raise ChangedFileError(
+            f"{path} changed after it was loaded and embedded (sha256 {decoded.sha256}, "
+            f"loaded as {sha256}); rerun this class from the load stage (force_from='load')")
+    if decoded.image is None:
+        raise ValueError(f"{path}: cannot decode the selected image ({decoded.error})")
+    return decoded.image
+
+
 # -- Prefect task ----------------------------------------------------------------------------
 class GridParams(BaseModel):
     grid_size: int = 4
@@ -69,8 +90,9 @@ def assemble_class_grids(store: RunStore, folder: str, scope: str, params: GridP
     selection = store.read_parquet(f"{selected.folder}/selection.parquet")
     grids = []
     for _, cells in selection.groupby("grid", sort=True):
-        images = [read_image(p, store.storage_options).image
-                  for p in cells.sort_values("cell")["path"]]
+        cells = cells.sort_values("cell")
+        images = [read_unchanged_image(path, sha256, store.storage_options)
+                  for path, sha256 in zip(cells["path"], cells["sha256"], strict=True)]
         grids.append(assemble_grid(images, params.grid_size, params.resolution))
     write_grid_images(store, folder, grids)
     return {"grids": len(grids), "resolution": params.resolution}

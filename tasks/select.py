@@ -1254,10 +1254,11 @@ def select_class(store: RunStore, folder: str, scope: str, params: SelectParams,
     with threadpool_limits(1):
         grids = select_grids(selector, vectors, params.ipc, cells, seed=params.seed,
                              grid_selection=params.grid_selection)
-    rows = [(g, c, int(table["image_id"].iat[i]), table["path"].iat[i])
+    # The load stage's sha256 travels with each pick, so grids can refuse a changed file.
+    rows = [(g, c, int(table["image_id"].iat[i]), table["path"].iat[i], table["sha256"].iat[i])
             for g, members in enumerate(grids) for c, i in enumerate(members)]
-    store.write_parquet(f"{folder}/selection.parquet",
-                        pd.DataFrame(rows, columns=["grid", "cell", "image_id", "path"]))
+    store.write_parquet(f"{folder}/selection.parquet", pd.DataFrame(
+        rows, columns=["grid", "cell", "image_id", "path", "sha256"]))
     return {"method": params.method, "grid_selection": params.grid_selection,
             "selected": len({i for members in grids for i in members.tolist()}),
             "filled": len(table) < params.ipc * cells}

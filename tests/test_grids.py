@@ -33,3 +33,32 @@ def test_tensor_round_trip():
     tensor = pil_to_tensor([image])
     assert tensor.shape == (1, 3, 5, 7) and 0 <= tensor.min() and tensor.max() <= 1
     assert np.array_equal(np.asarray(tensor_to_pil(tensor)[0]), np.asarray(image))
+
+
+def test_a_file_changed_after_embedding_stops_grids_naming_it(tiny_dataset, tmp_path):
+    """load hashes every file; a selected file whose bytes changed since then is refused by
+    grids (not tiled from pixels its embedding never saw, nor failing on a None image)."""
+    from gridistill.stages import StoreSpec
+    from gridistill.storage import RunStore
+    from tasks.embed import EmbedParams, embed_class
+    from tasks.grids import ChangedFileError, GridParams, assemble_class_grids
+    from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+    from tasks.select import SelectParams, select_class
+    from tests.conftest import make_image
+
+    store = StoreSpec(root=str(tmp_path / "run"))
+    dataset = index_dataset.fn(store, IndexParams(data=str(tiny_dataset["train"]),
+                                                  holdout_share=0))
+    loaded = load_class.fn(store, "alpha", LoadParams(), [dataset])
+    embedded = embed_class.fn(store, "alpha", EmbedParams(embedder="pixels-pca", progress=False),
+                              [loaded])
+    selected = select_class.fn(store, "alpha", SelectParams(grid_size=2), [embedded])
+    params = GridParams(grid_size=2, resolution=16)
+    assert assemble_class_grids.fn(store, "alpha", params, [selected]).meta["grids"] == 1
+
+    selection = RunStore(store.root).read_parquet(f"{selected.folder}/selection.parquet")
+    changed = selection["path"].iat[2]
+    make_image((0, 0, 0), seed=999).save(changed)  # still a valid image, other bytes
+    with pytest.raises(ChangedFileError, match="changed after it was loaded") as refused:
+        assemble_class_grids.fn(store, "alpha", params, [selected], force=True)
+    assert changed in str(refused.value)
