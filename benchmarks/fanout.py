@@ -13,7 +13,7 @@ is the flow alone, not the server's start. Printed per row:
 - ``compute s``: the summed per-task compute seconds from the run root's ``timings.parquet``
   (what the stage bodies spent; the index and report tasks are not in it: they count as
   overhead here);
-- ``overhead ms/run``: (wall - compute) / task runs, the issue's definition. With W worker
+- ``overhead ms/run``: (wall - compute) / task runs. With W worker
   threads the compute of W tasks can overlap, so this can understate what Prefect adds;
 - ``Prefect ms/run``: time inside task runs minus time in the stage bodies, summed over the
   worker threads, per task run: what Prefect itself spends around each stage;

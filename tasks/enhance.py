@@ -332,7 +332,7 @@ def _sd_turbo(grids: torch.Tensor, *, scale: int, prompts: list[str],
 
 def enhancement_record(stored: torch.Tensor, enhanced: torch.Tensor, backend: str,
                        **settings: object) -> dict[str, object]:
-    """How an enhanced set is accounted for (issue item 4): a derived, cached artifact listed
+    """How an enhanced set is accounted for: a derived, cached artifact listed
     apart from the distilled set. The distilled set stays the stored grids, IPC images per class
     at the storage resolution; enhanced grids are recomputable from them plus ``settings`` and
     never count toward the storage budget."""

@@ -30,11 +30,9 @@ The per-step bookkeeping of the greedy (incremental Cholesky, ``O(M k)``), the s
 reductions, the Frank-Wolfe iterations and the spectrum stay numpy on the host, fed with kernel
 rows copied back from the device. One algorithm, two array backends for its kernel.
 
-Speed (``benchmarks/selection.md``, one core): at M=1300, d=512, k=160 a whole ``ssdim`` call
-takes about 0.07 s of CPU; M=5000 about 0.5 s; M=20000 with kNN coverage about 7 s, most of it
-the exact kNN search's ``O(M^2 d)`` product. On a CPU shared with other jobs, set
-``OPENBLAS_NUM_THREADS=1`` (and ``torch.set_num_threads(1)`` for the torch backend):
-multi-threaded BLAS spin-waits for a busy core and was measured 10-17x slower there.
+Threads: ``ssdim`` runs its spectrum and solvers on one BLAS thread (threadpoolctl); with the
+torch backend on a shared CPU, ``torch.set_num_threads(1)`` is the caller's to set. Timings at
+each size: ``benchmarks/selection.md``.
 """
 
 from __future__ import annotations
@@ -220,9 +218,9 @@ class _Kernel:
 
         Kernel rows are computed ``_row_block`` at a time, so memory is ``O(M count)`` plus one
         block (16 MB). numpy selects with ``_top_columns``, torch with ``topk``. The ``O(M^2 d)``
-        product dominates (about 5 s of the 6 s at M=20000, d=512 on one core). Computing
-        only the tiles on and above the diagonal halves it, but taking the top of the transposed
-        tiles then costs about what that saves (measured), so whole rows are computed.
+        product dominates. Computing only the tiles on and above the diagonal halves it, but
+        taking the top of the transposed tiles then costs about what that saves
+        (``benchmarks/selection.md``), so whole rows are computed.
         """
         indices = np.empty((self.size, count), dtype=np.int64)
         values = np.empty((self.size, count), dtype=np.float32)
