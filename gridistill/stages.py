@@ -107,6 +107,8 @@ def _flatten(body: Sequence[ast.stmt]) -> Iterator[ast.stmt]:
 
 
 def _bound_names(stmt: ast.stmt) -> list[str]:
+    """The names a module-level statement defines. ``Image.MAX_IMAGE_PIXELS = ...`` counts
+    as defining ``Image``: the setting then goes with every use of ``Image`` in the module."""
     if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
         return [stmt.name]
     targets = (stmt.targets if isinstance(stmt, ast.Assign)
@@ -119,7 +121,6 @@ class _ModuleCode:
     """A module's top-level definitions and imports, from its source."""
 
     def __init__(self, name: str, source: str, is_package: bool) -> None:
-        self.name = name
         self.package = name if is_package else name.rpartition(".")[0]
         self.bindings: dict[str, list[ast.stmt]] = defaultdict(list)
         self.imports: dict[str, tuple[str, str | None]] = {}  # local name -> (module, attribute)

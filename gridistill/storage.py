@@ -119,7 +119,9 @@ class RunStore:
 
     # -- typed helpers ---------------------------------------------------------------------
     def write_json(self, key: str, obj: Any) -> None:
-        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        # Keys in the writer's order, so what is read back equals what was written, order
+        # included (a reused stage's metadata makes the same table columns as a computed one).
+        self.write_bytes(key, json.dumps(obj, indent=2, default=str).encode())
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))

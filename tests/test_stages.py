@@ -46,7 +46,19 @@ def test_run_stage_computes_once_then_reuses(tmp_path):
     first = run_stage("demo", compute, spec, "alpha", Params(), [])
     second = run_stage("demo", compute, spec, "alpha", Params(), [])
     assert calls == ["alpha"] and first.folder == second.folder and second.meta == {"n": 1}
+    assert second.seconds == first.seconds
     assert spec.open().read_bytes(f"{first.folder}/out.txt") == b"alpha:1"
+
+
+def test_reused_metadata_keeps_its_key_order(tmp_path):
+    def compute(store, folder, scope, params, upstream):
+        return {"metrics": {"student": "s", "top1": 1.0, "ipc": 1}, "b": 1, "a": 2}
+
+    spec = StoreSpec(root=str(tmp_path))
+    computed = run_stage("demo", compute, spec, "alpha", Params(), [])
+    reused = run_stage("demo", compute, spec, "alpha", Params(), [])
+    assert list(reused.meta) == ["metrics", "b", "a"]
+    assert list(reused.meta["metrics"]) == list(computed.meta["metrics"])
 
 
 def test_a_commit_removed_by_a_concurrent_forced_run_means_recompute(tmp_path, monkeypatch):
