@@ -298,8 +298,10 @@ def test_cli_refuses_steps_out_of_order_with_one_line(tmp_path, capsys) -> None:
 
 
 def test_run_options_reach_the_refine_stage(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``gridistill run --refine --t-r 50 --gamma 0.02``: the stage calls DIVER with exactly
-    the options the command line gave (DIVER itself is replaced by a recorder)."""
+    """``gridistill run --refine --t-r 50 --gamma 0.02``: through the flows' own binding
+    (``flows.dag.Setup``) the stage calls DIVER with exactly the options the command line gave
+    (the DiT loader and DIVER itself are replaced by recorders)."""
+    from flows.dag import Setup
     from gridistill.cli import build_parser, config_from_args
     from gridistill.stages import ArtifactRef, StoreSpec
     from gridistill.storage import RunStore
@@ -307,7 +309,6 @@ def test_run_options_reach_the_refine_stage(tmp_path, monkeypatch: pytest.Monkey
 
     config = config_from_args(build_parser().parse_args(
         ["run", "--refine", "--t-r", "50", "--gamma", "0.02", "--out", str(tmp_path / "run")]))
-    params = refine.RefineParams(diver=config.diver, seed=config.seed, progress=False)
     received = []
 
     def recording_refine(images, labels, components, options, **kwargs):
@@ -316,6 +317,7 @@ def test_run_options_reach_the_refine_stage(tmp_path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(refine, "diver_refine", recording_refine)
     monkeypatch.setattr(refine, "load_dit_for", lambda params: None)
+    params = Setup(config, "cpu").refine()
     store = StoreSpec(root=config.out)
     write_grid_images(store.open(), "enhance/n01440764/k", [Image.new("RGB", (16, 16))])
     enhanced = ArtifactRef(stage="enhance", scope="n01440764", key="k",
