@@ -1,8 +1,9 @@
 """The distillation DAG, written once, and what its two executors share.
 
     index ─┬─ per class: load → embed ─┬─ per method: select → grids → enhance ─┬─ evaluate
-           │                            │                              [refine] ─┴─ evaluate
-           ├─ [teacher, soft-label protocols] ──────────────────────────────────────┘
+           │              │             │                              [refine] ─┴─ evaluate
+           │              └─ [teacher, soft-label protocols] ──────────────────────────┤
+           ├─ per class: test split, decoded at the students' resolution ──────────────┘
            └──────────────────────────────────────────────────────────────────────── report
 
 :func:`build_dag` turns a config into a list of :class:`Node`: a stage with named inputs, the
@@ -112,10 +113,11 @@ Bind = Callable[[Setup, ArtifactRef], tuple[Any, BaseModel]]
 
 @dataclass(frozen=True)
 class Node:
-    """One stage of the DAG: ``stage`` run with ``inputs`` (labels of earlier nodes, or
-    :data:`DATASET`) on ``pool``, in the pool hop named ``hop`` (one segment run on the work
-    pools). Without a ``scope`` it runs once per class and reads each input's ref of that
-    class; with one it runs once and reads every class's ref of each per-class input."""
+    """One task of the DAG, run with ``inputs`` (labels of earlier nodes, or :data:`DATASET`)
+    on ``pool``, in the pool hop named ``hop`` (one segment run on the work pools); ``stage``
+    is the config stage whose force flags it follows. Without a ``scope`` it runs once per
+    class and reads each input's ref of that class; with one it runs once and reads every
+    class's ref of each per-class input."""
 
     label: str
     stage: Stage
@@ -212,6 +214,15 @@ def _refine(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
     return refine_class, setup.refine()
 
 
+def _test_split(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
+    from tasks.evaluate import TestSplitParams, decode_test_split, student_test_size
+
+    config = setup.config
+    return decode_test_split, TestSplitParams(
+        size=student_test_size(config.eval_protocol, config.eval_image_size),
+        device=setup.device)
+
+
 def _teacher(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
     from tasks.evaluate import teacher_params, train_teacher_on_pool
 
@@ -235,7 +246,9 @@ def _evaluate(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, Bas
 def build_dag(config: DistillConfig) -> Dag:
     """The run's nodes, in an order that respects every input and keeps each pool hop's
     nodes together."""
+    # The test split is data, so only a rerun forced from load decodes it again.
     nodes = [Node("load", "load", "cpu", "load", (DATASET,), _load),
+             Node("test-split", "load", "cpu", "load", (DATASET,), _test_split),
              Node("embed", "embed", "gpu", "embed", ("load",), _embed)]
     for method in config.methods:
         nodes += [Node(f"select:{method}", "select", "cpu", "select-grids", ("embed",),
@@ -252,12 +265,12 @@ def build_dag(config: DistillConfig) -> Dag:
                                   (enhanced,), _refine))
     teacher = ("teacher",) if uses_teacher(config) else ()
     if teacher:
-        nodes.append(Node("teacher", "teacher", "gpu", "evaluate", (DATASET,), _teacher,
-                          scope="all"))
+        nodes.append(Node("teacher", "teacher", "gpu", "evaluate", (DATASET, "load"),
+                          _teacher, scope="all"))
     for name, (trained_on, method) in evaluated_sets(config).items():
         nodes.append(Node("evaluate", "evaluate", "gpu", "evaluate",
-                          (DATASET, *teacher, trained_on), partial(_evaluate, method=method),
-                          scope=name))
+                          (DATASET, "test-split", *teacher, trained_on),
+                          partial(_evaluate, method=method), scope=name))
     return Dag(config, tuple(nodes))
 
 

@@ -6,8 +6,8 @@ itself, then starts one *segment* per pool hop (the consecutive DAG nodes that
 :func:`flows.dag.build_dag` gives one hop name, see :func:`segments`) as a run of the
 ``gridistill-stage`` flow, through the deployment for that pool (``run_deployment``)::
 
-    parent:  index ─ [load]cpu ─ [embed]gpu ─ [select → grids]cpu ─ [enhance → refine]gpu
-                     ─ [teacher → evaluate]gpu ─ report
+    parent:  index ─ [load, test split]cpu ─ [embed]gpu ─ [select → grids]cpu
+                     ─ [enhance → refine]gpu ─ [teacher → evaluate]gpu ─ report
 
 A segment maps its nodes' tasks over a chunk of classes (``PoolOptions.classes_per_run``)
 under the configured task runner; consecutive segments of one pool that need no chunking

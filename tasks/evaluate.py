@@ -925,6 +925,8 @@ def harness_overhead(
 
 
 # -- Prefect tasks (wiring owned by the flow; algorithms stay above this line) ---------------
+import functools  # noqa: E402
+import io  # noqa: E402
 import tempfile  # noqa: E402
 
 import fsspec  # noqa: E402
@@ -942,42 +944,88 @@ def _class_names(dataset: ArtifactRef) -> list[str]:
     return [name for name, _, _ in dataset.meta["classes"]]
 
 
-def _to_uint8(images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
-    """(N, 3, H, W) uint8; with ``size``, each image's centre square resized to it first."""
-    from tasks.grids import center_crop_square
-
-    if size is not None:
-        images = [center_crop_square(im).resize((size, size), Image.BICUBIC) for im in images]
+def _to_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 of same-sized images."""
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])
                             ).permute(0, 3, 1, 2).contiguous()
 
 
-def load_split(store: RunStore, dataset: ArtifactRef, size: int, split: str,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real images of one split ("test", or "pool" = the validated class pools) at ``size`` px,
-    as uint8 with labels. Unreadable files are skipped, as in loading."""
-    from tasks.ingest import read_image
+def _square_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) uint8: the image's centre square resized to ``size``."""
+    from tasks.grids import center_crop_square
 
-    if split == "test":
-        rows = store.read_parquet(f"{dataset.folder}/test.parquet")
-    else:
-        rows = pd.concat([store.read_parquet(f"{dataset.folder}/classes/{name}.parquet")
-                          for name in _class_names(dataset)])
-        rows = rows[rows["split"] == split]
-    images, labels, unreadable = [], [], []
-    for path, label in zip(rows["path"], rows["label"], strict=True):
-        decoded = read_image(path, store.storage_options)
-        if decoded.image is None:
-            unreadable.append(path)
-        else:
-            images.append(decoded.image)
-            labels.append(int(label))
-    if unreadable:
-        stage_logger().warning("%s split: skipped %d unreadable images, e.g. %s", split,
-                               len(unreadable), unreadable[:3])
-    if not images:
-        raise ValueError(f"no readable {split} images ({len(unreadable)} unreadable)")
-    return _to_uint8(images, size), torch.tensor(labels)
+    square = center_crop_square(image).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(square.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def decode_images(store: RunStore, paths: Sequence[str], labels: Sequence[int], size: int,
+                  what: str, *, sha256: Sequence[str] | None = None, device: str = "cpu",
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images at ``size`` px as uint8, with their labels. Each file is decoded and resized in
+    the embed stage's DataLoader (worker processes on CUDA), so only resized pixels are ever
+    held. A file that fails to decode, or whose bytes differ from ``sha256``, is skipped."""
+    from tasks.embed import ImageFiles, default_num_workers, image_loader
+
+    files = ImageFiles(paths, functools.partial(_square_pixels, size=size),
+                       store.storage_options, sha256)
+    kept, batches, failed = [], [], []
+    for batch in image_loader(files, batch_size=64, num_workers=default_num_workers(device),
+                              pin_memory=False):
+        kept += batch.indices
+        batches += [batch.pixels] if batch.indices else []
+        failed += [paths[index] for index, _ in batch.failed]
+    if failed:
+        stage_logger().warning("%s: skipped %d unreadable images, e.g. %s", what, len(failed),
+                               failed[:3])
+    images = torch.cat(batches) if batches else torch.empty((0, 3, size, size),
+                                                             dtype=torch.uint8)
+    return images, torch.tensor([int(labels[index]) for index in kept], dtype=torch.long)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def student_test_size(protocol: str, image_size: int | None) -> int:
+    """The side students' test images are decoded at: the protocol's resize before its centre
+    crop (``image_size`` None: the protocol's)."""
+    preset = get_protocol(protocol)
+    return round((image_size or preset.image_size) * preset.val_resize_ratio)
+
+
+class TestSplitParams(BaseModel):
+    size: int  # px: student_test_size of the run's protocol and image size
+    device: Annotated[str, NotInKey] = "cpu"  # only picks the number of decode workers
+
+
+@stage_task("test-split")
+def decode_test_split(store: RunStore, folder: str, scope: str, params: TestSplitParams,
+                      upstream: list[ArtifactRef]) -> dict[str, Any]:
+    """One class's real test images, decoded once at the students' test resolution; every
+    evaluation of the run reads them from here instead of the original files."""
+    (dataset,) = upstream
+    rows = store.read_parquet(f"{dataset.folder}/classes/{scope}.parquet")
+    rows = rows[rows["split"] == "test"]
+    images, labels = decode_images(store, rows["path"].tolist(), rows["label"].tolist(),
+                                   params.size, f"test split [{scope}]", device=params.device)
+    store.write_bytes(f"{folder}/images.npy", _npy(images.numpy()))
+    store.write_bytes(f"{folder}/labels.npy", _npy(labels.numpy()))
+    return {"images": len(labels), "unreadable": len(rows) - len(labels), "size": params.size}
+
+
+def read_test_split(store: RunStore, refs: Sequence[ArtifactRef], size: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every class's decoded test images (``size`` px) and labels, in class order."""
+    if wrong := sorted({ref.meta["size"] for ref in refs} - {size}):
+        raise ValueError(f"test split decoded at {wrong} px, students are tested at {size} px")
+    images, labels = ([np.load(io.BytesIO(store.read_bytes(f"{ref.folder}/{name}.npy")),
+                               allow_pickle=False) for ref in refs]
+                      for name in ("images", "labels"))
+    if not sum(len(part) for part in labels):
+        raise ValueError("no readable test images")
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
 class TeacherParams(BaseModel):
@@ -1029,9 +1077,10 @@ def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: Teac
                           upstream: list[ArtifactRef]) -> dict[str, Any]:
     """The soft-label teacher: the packaged ImageNet-1K classifier restricted to the dataset's
     WNIDs, or a network trained on the real pool by the same training loop, or the given
-    checkpoint after checking its class order against the dataset's. Its top-1 on the real
-    test images is measured here, for the report."""
-    (dataset,) = upstream
+    checkpoint after checking its class order against the dataset's. It trains on the pool
+    images the load stage validated (``upstream``: the dataset, then every class's load ref).
+    Its top-1 on the real test images is measured here, for the report."""
+    dataset, *loaded = upstream
     names = _class_names(dataset)
     with tempfile.TemporaryDirectory() as scratch:
         if _is_imagenet_classifier(params.architecture):
@@ -1047,7 +1096,12 @@ def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: Teac
                     given.write_bytes(f.read())
                 teacher = load_teacher(given, names)
             else:
-                images, labels = load_split(store, dataset, params.image_size, "pool")
+                labels_of = {name: label for name, label, _ in dataset.meta["classes"]}
+                pool = pd.concat([store.read_parquet(f"{ref.folder}/images.parquet").assign(
+                    label=labels_of[ref.scope]) for ref in loaded])
+                images, labels = decode_images(
+                    store, pool["path"].tolist(), pool["label"].tolist(), params.image_size,
+                    "teacher pool", sha256=pool["sha256"].tolist(), device=params.device)
                 teacher = train_teacher(
                     images, labels, names, architecture=params.architecture,
                     image_size=params.image_size, protocol=params.protocol,
@@ -1057,7 +1111,12 @@ def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: Teac
             save_teacher(teacher, path)
             store.write_bytes(f"{folder}/teacher.safetensors", path.read_bytes())
     size = params.test_image_size or params.image_size
-    test_images, test_labels = load_split(store, dataset, size, "test")
+    test = store.read_parquet(f"{dataset.folder}/test.parquet")
+    test_images, test_labels = decode_images(store, test["path"].tolist(),
+                                             test["label"].tolist(), size, "test split",
+                                             device=params.device)
+    if not len(test_labels):
+        raise ValueError(f"no readable test images ({len(test)} unreadable)")
     top1 = evaluate_top1(teacher.model.to(params.device), test_images.to(params.device),
                          test_labels.to(params.device))
     return {"architecture": teacher.architecture, "checkpoint": params.checkpoint,
@@ -1096,25 +1155,24 @@ def evaluate_grids(store: RunStore, folder: str, scope: str, params: EvalParams,
                    upstream: list[ArtifactRef]) -> dict[str, Any]:
     """Train students from scratch on one method's grids (one per seed); test on real images.
 
-    ``upstream`` is the dataset, optionally the teacher (for soft-label protocols), then the
-    per-class grid artifacts.
+    ``upstream`` is the dataset, every class's decoded test split, optionally the teacher (for
+    soft-label protocols), then the per-class grid artifacts.
     """
     from tasks.grids import read_grid_images
 
     dataset, *rest = upstream
     teachers = [ref for ref in rest if ref.stage == "teacher"]
-    per_class = [ref for ref in rest if ref.stage != "teacher"]
+    tests = [ref for ref in rest if ref.stage == "test-split"]
+    per_class = [ref for ref in rest if ref.stage not in ("teacher", "test-split")]
     labels = {name: label for name, label, _ in dataset.meta["classes"]}
     grids, grid_labels = [], []
     for ref in per_class:
         images = read_grid_images(store, ref)
         grids += images
         grid_labels += [labels[ref.scope]] * len(images)
-    protocol = get_protocol(params.protocol)
-    size = params.image_size or protocol.image_size
-    # Decode test images once at the protocol's resize size; its CenterCrop does the rest.
-    test_images, test_labels = load_split(store, dataset, round(size * protocol.val_resize_ratio),
-                                          "test")
+    # Decoded at the protocol's resize size; its CenterCrop does the rest.
+    test_images, test_labels = read_test_split(
+        store, tests, student_test_size(params.protocol, params.image_size))
     teacher = read_teacher(store, teachers[0], dataset, params.device) if teachers else None
     result = train_and_evaluate_seeds(
         _to_uint8(grids), torch.tensor(grid_labels), test_images, test_labels,

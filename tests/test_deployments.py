@@ -268,19 +268,20 @@ def test_the_weekly_deployment_hands_each_per_class_task_only_its_class(deployme
             for label, per_scope in _segment_tasks.fn(sent, "cuda").refs.items():
                 refs.setdefault(label, {}).update(per_scope)
 
-    datasets_read = {node.stage for node in dag.nodes if DATASET in node.inputs}
-    assert datasets_read == {"load", "enhance", "teacher", "evaluate"}
+    readers = {node.label.partition(":")[0] for node in dag.nodes if DATASET in node.inputs}
+    assert readers == {"load", "test-split", "enhance", "teacher", "evaluate"}
     row_of = {row[0]: row for row in rows}
     seen: dict[str, int] = {}
     for stage, scope, upstream in started:
         given = [ref for ref in upstream if isinstance(ref, ArtifactRef)
                  and ref.stage == "dataset"]
-        assert len(given) == (stage in datasets_read), (stage, scope)
-        if given:
-            expected = rows if stage in ("teacher", "evaluate") else [row_of[scope]]
+        assert len(given) == (stage in readers), (stage, scope)
+        if given:  # a per-class task's scope is its class
+            expected = [row_of[scope]] if scope in row_of else rows
             assert given[0].meta["classes"] == expected, (stage, scope)
             seen[stage] = seen.get(stage, 0) + 1
-    assert seen == {"load": 1000, "enhance": 1000, "teacher": 1, "evaluate": 2}
+    assert seen == {"load": 1000, "test-split": 1000, "enhance": 1000, "teacher": 1,
+                    "evaluate": 2}
 
 
 def test_gpu_segments_refuse_a_worker_without_cuda_unless_asked_for_cpu(monkeypatch):

@@ -12,6 +12,7 @@ from gridistill.config import DistillConfig
 from gridistill.storage import RunStore
 
 pytestmark = pytest.mark.slow
+STAGES = ["load", "test-split", "embed", "select", "grids", "enhance", "evaluate"]
 
 
 def tiny_config(dataset, out: str, **overrides) -> DistillConfig:
@@ -41,8 +42,7 @@ def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_da
     first_metrics = store.read_parquet("metrics.parquet")
     report = store.read_bytes("report.md").decode()
     assert "| ssdim" in report and "EMBEDDER" not in report  # pixels-pca chosen explicitly
-    assert statuses(store) == {s: {"Completed"} for s in
-                               ["load", "embed", "select", "grids", "enhance", "evaluate"]}
+    assert statuses(store) == {s: {"Completed"} for s in STAGES}
 
     # Each class's artifacts hold that class's images, and grids have the right sizes.
     for class_name in ["alpha", "beta", "gamma"]:
@@ -59,14 +59,13 @@ def test_flow_end_to_end_then_cached_then_partial_rerun(prefect_harness, tiny_da
                 assert png.size == (side, side)
 
     distill(config)  # an immediate rerun: every stage comes from the cache
-    assert statuses(store) == {s: {"Cached"} for s in
-                               ["load", "embed", "select", "grids", "enhance", "evaluate"]}
+    assert statuses(store) == {s: {"Cached"} for s in STAGES}
     assert store.read_parquet("metrics.parquet").equals(first_metrics)
 
     distill(tiny_config(tiny_dataset, config.out, enhance_scale=3))  # one stage's parameter
-    assert statuses(store) == {"load": {"Cached"}, "embed": {"Cached"}, "select": {"Cached"},
-                               "grids": {"Cached"}, "enhance": {"Completed"},
-                               "evaluate": {"Completed"}}
+    assert statuses(store) == {"load": {"Cached"}, "test-split": {"Cached"},
+                               "embed": {"Cached"}, "select": {"Cached"}, "grids": {"Cached"},
+                               "enhance": {"Completed"}, "evaluate": {"Completed"}}
 
     # A UI-style rerun: one class, from one stage on; everything else from the cache.
     grid_files = [f"{folder}/grid_000.png" for folder in store.list("grids/beta")]
@@ -214,10 +213,10 @@ def test_both_executors_run_the_same_dag_and_hand_each_class_only_its_row(
         result = executor(tiny_config(tiny_dataset, str(tmp_path / name)))
         metrics[name] = [(row["method"], row["top1_final_mean"]) for row in result["metrics"]]
         per_class = [(stage, scope, rows) for stage, scope, rows in dataset_rows
-                     if stage in ("load", "enhance")]
-        assert len(per_class) == 3 + 2 * 3, name  # load per class, enhance per class and method
+                     if stage in ("load", "test-split", "enhance")]
+        assert len(per_class) == 3 + 3 + 2 * 3, name  # enhance: per class and method
         assert all([row[0] for row in rows] == [scope] for _, scope, rows in per_class), name
-    stages = ("dataset", "load", "embed", "select", "grids", "enhance", "evaluate")
+    stages = ("dataset", *STAGES)
     in_process, on_pools = (committed_files(tmp_path / name, stages)
                             for name in ("distill", "pooled"))
     assert on_pools.keys() == in_process.keys() and len(on_pools) > 3 * len(stages)
