@@ -143,7 +143,8 @@ def parse_method(name: str) -> Method:
     """A benchmark method by name (module docstring); fails before any work if unknown."""
     import functools
 
-    from tasks.select import SELECTION_METHODS, ssdim
+    from tasks.selectors import SELECTION_METHODS
+    from tasks.ssdim import ssdim
 
     if name in (REAL_METHOD, FULL_METHOD):
         return Method(name)
@@ -205,8 +206,9 @@ def distil(method: Method, pool: Split, embeddings: dict[int, np.ndarray], ipc: 
            config: BenchmarkConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The distilled set of one method: (IPC * classes, 3, R, R) uint8 images and labels
     (for ``full-real``: every pool image)."""
+    from tasks.grid_layout import select_grids
     from tasks.grids import assemble_grid
-    from tasks.select import select, select_grids
+    from tasks.selectors import select
 
     if method.name == FULL_METHOD:
         return (to_uint8_tensor([load_rgb(p) for p in pool.paths], config.resolution),

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks import select as selection
+from tasks import selectors
+from tasks import ssdim as solvers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/imagenette/public/train"
 # Synthetic inputs: pool size M -> (dimension d, subset size k, seed).
@@ -90,27 +91,27 @@ def benchmark(
     num_images, dim = embeddings.shape
     greedy_repeats = 1 if num_images >= 5000 else repeats
     greedy_time, greedy_cpu, greedy_pick = seconds(
-        lambda: selection.ssdim(embeddings, k, solver="greedy"), greedy_repeats
+        lambda: solvers.ssdim(embeddings, k, solver="greedy"), greedy_repeats
     )
-    greedy_value = selection.ssdim_objective(embeddings, greedy_pick)
+    greedy_value = solvers.ssdim_objective(embeddings, greedy_pick)
     size = f"{name} M={num_images} d={dim} k={k}"
     runs = f" ({greedy_repeats} run)" if greedy_repeats != repeats else ""
     rows = [f"| {size} | greedy (plain){runs} | {greedy_time:.3f} | {greedy_cpu:.3f} "
             f"| {greedy_value:.2f} | 1.0000 | 1.0 |"]
     methods: dict[str, Callable[[], np.ndarray]] = {
-        "ssdim (fw, three-stage)": lambda: selection.ssdim(embeddings, k),
-        "ssdim (fw, knn n=48)": lambda: selection.ssdim(embeddings, k, coverage="knn"),
+        "ssdim (fw, three-stage)": lambda: solvers.ssdim(embeddings, k),
+        "ssdim (fw, knn n=48)": lambda: solvers.ssdim(embeddings, k, coverage="knn"),
     }
     if device:
         methods[f"ssdim (fw, torch {device})"] = (
-            lambda: selection.ssdim(embeddings, k, device=device))
+            lambda: solvers.ssdim(embeddings, k, device=device))
     methods.update({
-        method: (lambda m=method: selection.select(m, embeddings, k, seed=0))
-        for method in selection.SELECTION_METHODS if method != "ssdim"
+        method: (lambda m=method: selectors.select(m, embeddings, k, seed=0))
+        for method in selectors.SELECTION_METHODS if method != "ssdim"
     })
     for method, call in methods.items():
         elapsed, cpu, pick = seconds(call, repeats)
-        value = selection.ssdim_objective(embeddings, pick)
+        value = solvers.ssdim_objective(embeddings, pick)
         rows.append(f"| {size} | {method} | {elapsed:.3f} | {cpu:.3f} | {value:.2f} "
                     f"| {value / greedy_value:.4f} | {greedy_time / elapsed:.1f} |")
     return rows
@@ -122,25 +123,25 @@ def benchmark_large(
     """One timed run per method; F relative to the best of the reference methods' F."""
     num_images, dim = embeddings.shape
     methods: dict[str, Callable[[], np.ndarray]] = {
-        "ssdim (fw, knn n=48; default)": lambda: selection.ssdim(embeddings, k),
+        "ssdim (fw, knn n=48; default)": lambda: solvers.ssdim(embeddings, k),
     }
     if device:
         methods[f"ssdim (fw, knn, torch {device})"] = (
-            lambda: selection.ssdim(embeddings, k, device=device))
+            lambda: solvers.ssdim(embeddings, k, device=device))
     baselines = ["random", "kcenter"] + (["facility"] if reference else [])
     methods.update({
-        method: (lambda m=method: selection.select(m, embeddings, k, seed=0))
+        method: (lambda m=method: selectors.select(m, embeddings, k, seed=0))
         for method in baselines
     })
     references = list(baselines)
     if reference:
         methods["ssdim (fw, exact coverage)"] = (
-            lambda: selection.ssdim(embeddings, k, coverage="exact"))
+            lambda: solvers.ssdim(embeddings, k, coverage="exact"))
         references.append("ssdim (fw, exact coverage)")
     results = {}
     for method, call in methods.items():
         elapsed, cpu, pick = seconds(call, 1)
-        results[method] = (elapsed, cpu, selection.ssdim_objective(embeddings, pick))
+        results[method] = (elapsed, cpu, solvers.ssdim_objective(embeddings, pick))
     best_reference = max(references, key=lambda method: results[method][2])
     reference_value = results[best_reference][2]
     size = f"{name} M={num_images} d={dim} k={k}"

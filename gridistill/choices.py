@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-# tasks.select.SELECTION_METHODS: the grid selectors.
+# tasks.selectors.SELECTION_METHODS: the grid selectors.
 Selector = Literal["ssdim", "random", "kcenter", "herding", "kmeans", "facility", "logdet"]
 # ... plus tasks.select.REAL_IMAGES: IPC real photos per class instead of grids.
 SelectionMethod = Literal[Selector, "random-real"]

@@ -23,7 +23,9 @@ def test_each_closed_set_equals_the_table_it_mirrors():
     from tasks.embed import EMBEDDERS
     from tasks.enhance import ENHANCE_BACKENDS
     from tasks.evaluate import PROTOCOLS, STUDENTS
-    from tasks.select import GRID_SELECTIONS, REAL_IMAGES, SELECTION_METHODS
+    from tasks.grid_layout import GRID_SELECTIONS
+    from tasks.select import REAL_IMAGES
+    from tasks.selectors import SELECTION_METHODS
 
     assert names(choices.Selector) == SELECTION_METHODS
     assert names(choices.SelectionMethod) == (*SELECTION_METHODS, REAL_IMAGES)

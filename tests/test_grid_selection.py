@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tasks.select import partition_into_grids, select, select_grids
+from tasks.grid_layout import partition_into_grids, select_grids
+from tasks.selectors import select
 
 
 @pytest.fixture

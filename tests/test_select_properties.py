@@ -20,7 +20,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks import select as selection
+from tasks import ssdim as solvers
 
 EPS = 1e-3
 
@@ -28,13 +28,13 @@ EPS = 1e-3
 def coverage(embeddings: np.ndarray, subset: list[int]) -> float:
     if not subset:
         return -float(embeddings.shape[0])
-    return selection.ssdim_objective(embeddings, subset, alpha=1.0, beta=0.0, gamma=0.0)
+    return solvers.ssdim_objective(embeddings, subset, alpha=1.0, beta=0.0, gamma=0.0)
 
 
 def logdet(embeddings: np.ndarray, subset: list[int]) -> float:
     if not subset:
         return 0.0
-    return selection.ssdim_objective(embeddings, subset, alpha=0.0, beta=1.0, gamma=0.0, eps=EPS)
+    return solvers.ssdim_objective(embeddings, subset, alpha=0.0, beta=1.0, gamma=0.0, eps=EPS)
 
 
 def monotone_logdet(embeddings: np.ndarray, subset: list[int]) -> float:
@@ -83,9 +83,9 @@ def test_logdet_is_submodular_and_its_eps_shifted_form_is_monotone(instance):
 
 def neighbour_gain(embeddings, subset: list[int], extra: int, count: int) -> float:
     """The kNN-restricted coverage gain of ``extra`` after ``subset`` (``_NeighbourCoverage``)."""
-    unit = selection.normalise_embeddings(embeddings)
-    kernel = selection._Kernel(unit, dense=False)
-    surrogate = selection._NeighbourCoverage(*kernel.neighbours(count))
+    unit = solvers.normalise_embeddings(embeddings)
+    kernel = solvers._Kernel(unit, dense=False)
+    surrogate = solvers._NeighbourCoverage(*kernel.neighbours(count))
     for index in subset:
         surrogate.add(kernel.rows(np.array([index]))[0])
     return float(surrogate.gains(np.array([extra]))[0])
