@@ -926,7 +926,6 @@ def harness_overhead(
 
 # -- Prefect tasks (wiring owned by the flow; algorithms stay above this line) ---------------
 import functools  # noqa: E402
-import io  # noqa: E402
 import tempfile  # noqa: E402
 
 import fsspec  # noqa: E402
@@ -982,12 +981,6 @@ def decode_images(store: RunStore, paths: Sequence[str], labels: Sequence[int], 
     return images, torch.tensor([int(labels[index]) for index in kept], dtype=torch.long)
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def student_test_size(protocol: str, image_size: int | None) -> int:
     """The side students' test images are decoded at: the protocol's resize before its centre
     crop (``image_size`` None: the protocol's)."""
@@ -1010,8 +1003,9 @@ def decode_test_split(store: RunStore, folder: str, scope: str, params: TestSpli
     rows = rows[rows["split"] == "test"]
     images, labels = decode_images(store, rows["path"].tolist(), rows["label"].tolist(),
                                    params.size, f"test split [{scope}]", device=params.device)
-    store.write_bytes(f"{folder}/images.npy", _npy(images.numpy()))
-    store.write_bytes(f"{folder}/labels.npy", _npy(labels.numpy()))
+    # Parquet, as every run-root file is a data format: each row one image's raw pixels.
+    store.write_parquet(f"{folder}/images.parquet", pd.DataFrame(
+        {"label": labels.numpy(), "pixels": [image.numpy().tobytes() for image in images]}))
     return {"images": len(labels), "unreadable": len(rows) - len(labels), "size": params.size}
 
 
@@ -1020,12 +1014,12 @@ def read_test_split(store: RunStore, refs: Sequence[ArtifactRef], size: int,
     """Every class's decoded test images (``size`` px) and labels, in class order."""
     if wrong := sorted({ref.meta["size"] for ref in refs} - {size}):
         raise ValueError(f"test split decoded at {wrong} px, students are tested at {size} px")
-    images, labels = ([np.load(io.BytesIO(store.read_bytes(f"{ref.folder}/{name}.npy")),
-                               allow_pickle=False) for ref in refs]
-                      for name in ("images", "labels"))
-    if not sum(len(part) for part in labels):
+    rows = pd.concat([store.read_parquet(f"{ref.folder}/images.parquet") for ref in refs])
+    if rows.empty:
         raise ValueError("no readable test images")
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    pixels = np.frombuffer(b"".join(rows["pixels"]), dtype=np.uint8)
+    return (torch.from_numpy(pixels.reshape(len(rows), 3, size, size).copy()),
+            torch.from_numpy(rows["label"].to_numpy(dtype=np.int64)))
 
 
 class TeacherParams(BaseModel):
