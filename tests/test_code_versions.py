@@ -16,15 +16,15 @@ from gridistill.stages import CodeIndex, code_definitions, code_version
 from gridistill.storage import RunStore
 from tasks.embed import embed_class
 from tasks.enhance import enhance_class
-from tasks.evaluate import evaluate_grids, train_teacher_on_pool
+from tasks.evaluate import decode_test_split, evaluate_grids, train_teacher_on_pool
 from tasks.grids import assemble_class_grids
 from tasks.ingest import load_class
 from tasks.refine import refine_class
 from tasks.select import select_class
 
 STAGES = {task.name: task.fn.compute for task in (
-    load_class, embed_class, select_class, assemble_class_grids, enhance_class, refine_class,
-    train_teacher_on_pool, evaluate_grids)}
+    load_class, decode_test_split, embed_class, select_class, assemble_class_grids,
+    enhance_class, refine_class, train_teacher_on_pool, evaluate_grids)}
 
 
 def real_source(module: str) -> str:
@@ -190,10 +190,12 @@ def test_a_rerun_after_comment_edits_is_cached_and_a_crop_change_recomputes_the_
         prefect_harness, tiny_dataset, tmp_path, edited_code):
     from test_flow import statuses, tiny_config
 
+    from flows.dag import build_dag
     from flows.distill import distill
 
     config = tiny_config(tiny_dataset, str(tmp_path / "run"))
-    store_stages = ["load", "embed", "select", "grids", "enhance", "evaluate"]
+    # The stages of the run's own DAG, as statuses() names them (label up to the method).
+    store_stages = {node.label.split(":")[0] for node in build_dag(config).nodes}
     distill(config)
     edited_code({module: reworded_docstrings(reworded_comments(real_source(module)))
                  for module in modules_reached()})
