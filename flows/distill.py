@@ -17,7 +17,9 @@ from gridistill.config import DistillConfig
 from gridistill.stages import StoreSpec
 
 
-@flow(name="gridistill-distill", task_runner=ThreadPoolTaskRunner(max_workers=2))
+# No flow or task persists its result: Prefect would pickle it (see gridistill/stages.py).
+@flow(name="gridistill-distill", task_runner=ThreadPoolTaskRunner(max_workers=2),
+      persist_result=False)
 def distill(config: DistillConfig) -> dict[str, Any]:
     """Distil ``config.data`` into ``config.ipc`` grids per class and evaluate them."""
     log = get_run_logger()

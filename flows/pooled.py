@@ -171,7 +171,9 @@ def _requested(request: SegmentRequest) -> tuple[Dag, list[Segment]]:
     return dag, [segment for segment in segments(dag) if segment.name in request.segments]
 
 
-@flow(name="gridistill-segment-tasks")
+# No flow or task persists its result, as Prefect would pickle it (see gridistill/stages.py):
+# a parent reads a segment's refs from its outbox in the run root instead.
+@flow(name="gridistill-segment-tasks", persist_result=False)
 def _segment_tasks(request: SegmentRequest, device: str) -> SegmentOutput:
     """The segment's task fan-out; a subflow so that it runs under the configured runner."""
     config = request.config
@@ -185,7 +187,7 @@ def _segment_tasks(request: SegmentRequest, device: str) -> SegmentOutput:
                          embedder=setup.embedder_summary())
 
 
-@flow(name="gridistill-stage")
+@flow(name="gridistill-stage", persist_result=False)
 def run_segment(request: SegmentRequest) -> str:
     """Run one segment of the DAG on this worker; returns the URL of its outbox."""
     log = get_run_logger()
@@ -278,7 +280,8 @@ def segment_requests(planned: PlannedRun, dag: Dag, dataset: ArtifactRef, refs: 
 
 
 # The parent only waits on segment runs, so threads are cheap; the cap bounds open API polls.
-@flow(name="gridistill-pooled", task_runner=ThreadPoolTaskRunner(max_workers=32))
+@flow(name="gridistill-pooled", task_runner=ThreadPoolTaskRunner(max_workers=32),
+      persist_result=False)
 def distill_pooled(config: DistillConfig, pools: PoolOptions | None = None) -> dict[str, Any]:
     """Distil ``config.data`` with CPU stages on the cpu pool and GPU stages on the gpu pool."""
     pools = pools or PoolOptions()

@@ -54,7 +54,7 @@ def _upload(local_dir: Path, fs: fsspec.AbstractFileSystem, target: str) -> None
         fs.put_file(str(file), destination)
 
 
-@flow(name="gridistill-refine-existing")
+@flow(name="gridistill-refine-existing", persist_result=False)
 def refine_existing(request: RefineRequest, gpu_concurrency_limit: str = "gpu") -> str:
     """Refine ``request.input`` with DIVER and write the ImageFolder to ``request.out``."""
     log = get_run_logger()

@@ -23,7 +23,7 @@ def subset_config(preset: Literal["imagenette", "imagewoof"], datasets_root: str
                          out=f"{runs_root.rstrip('/')}/{preset}-ipc{config.ipc}")
 
 
-@flow(name="gridistill-subset")
+@flow(name="gridistill-subset", persist_result=False)
 def subset_distill(preset: Literal["imagenette", "imagewoof"] = "imagenette",
                    datasets_root: str = "s3://gridistill-datasets",
                    runs_root: str = "s3://gridistill-runs",

@@ -411,8 +411,11 @@ def stage_task(stage: str, *, retries: int = 2, tags: Sequence[str] = ()) -> Cal
         return task(
             name=stage,
             task_run_name=f"{stage}[{{scope}}]",
-            # The run root's commit markers are the cache (see module doc), not Prefect's.
+            # The run root's commit markers are the cache (see module doc), not Prefect's; and
+            # nothing is persisted, because Prefect pickles a persisted result by default and
+            # unpickles it to read it back (the ref is in the run root's marker anyway).
             cache_policy=NO_CACHE,
+            persist_result=False,
             retries=retries,
             retry_delay_seconds=[2, 10, 30][:retries] or 0,
             retry_condition_fn=retry_unless_bad_data,

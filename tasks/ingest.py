@@ -284,7 +284,7 @@ class IndexParams(BaseModel):
     seed: int = 0
 
 
-@task(name="index-dataset", retries=2, retry_delay_seconds=[2, 10])
+@task(name="index-dataset", retries=2, retry_delay_seconds=[2, 10], persist_result=False)
 def index_dataset(store: StoreSpec, params: IndexParams) -> ArtifactRef:
     """List the data once, fix the class order and the test split; write per-class manifests.
 

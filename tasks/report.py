@@ -122,7 +122,7 @@ def render_report(metrics: pd.DataFrame, timings: pd.DataFrame, storage: pd.Data
     return "\n".join(lines)
 
 
-@task(name="report", retries=2, retry_delay_seconds=[2, 10])
+@task(name="report", retries=2, retry_delay_seconds=[2, 10], persist_result=False)
 def write_report(store: StoreSpec, dataset: ArtifactRef, evaluations: list[ArtifactRef],
                  artifacts: dict[str, dict[str, list[ArtifactRef]]],
                  timings: list[dict[str, Any]], notes: list[str], summary: dict[str, Any]) -> str:

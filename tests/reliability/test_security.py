@@ -1,14 +1,18 @@
-"""Security: nothing is unpickled (tensors only through ``weights_only=True`` or safetensors),
-the run root holds only data formats, and credentials never reach logs, artifacts or reports."""
+"""Security: nothing is unpickled (tensors only through ``weights_only=True`` or safetensors,
+no Prefect result persisted), the run root holds only data formats, and credentials never
+reach logs, artifacts or reports."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 import urllib.parse
 from pathlib import Path
 
 import pytest
 import s3fs
+from prefect import Flow, Task
 
 from .conftest import flow_config
 
@@ -63,12 +67,67 @@ def test_no_unsafe_load_in_the_source_tree():
     assert calls >= 4  # the checker did see the real loads, and passed them
 
 
-def test_stage_results_are_json_not_pickles():
-    from tasks.embed import embed_class
-    from tasks.ingest import load_class
+def prefect_objects() -> dict[str, Task | Flow]:
+    """Every task and flow the package defines, by qualified name (each module imported)."""
+    import flows
+    import gridistill
+    import tasks
 
-    for stage_task in (load_class, embed_class):
-        assert stage_task.result_serializer == "json" and stage_task.persist_result
+    found = {}
+    for package in (gridistill, tasks, flows):
+        for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+            module = importlib.import_module(info.name)
+            found |= {f"{info.name}.{name}": value for name, value in vars(module).items()
+                      if isinstance(value, Task | Flow) and value.__module__ == info.name}
+    return found
+
+
+# Prefect pickles a persisted result by default and unpickles it to read it back (a cache hit,
+# a retry, a UI view), so no task or flow persists one: the run root holds every artifact.
+def test_no_task_or_flow_persists_a_result():
+    objects = prefect_objects()
+    stages = {"load", "test-split", "embed", "select", "grids", "enhance", "refine", "teacher",
+              "evaluate"}
+    assert stages < {value.name for value in objects.values() if isinstance(value, Task)}
+    assert sum(isinstance(value, Flow) for value in objects.values()) >= 6
+    assert {name for name, value in objects.items() if value.persist_result is not False} == set()
+
+
+@pytest.mark.slow
+def test_a_run_writes_no_prefect_result_even_when_prefect_persists_by_default(
+        prefect_harness, tiny_dataset, tmp_path):
+    from prefect import flow, task
+    from prefect.settings import (
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        temporary_settings,
+    )
+
+    from flows.distill import distill
+    from gridistill.config import DistillConfig
+
+    @task
+    def probe_task() -> int:
+        return 1
+
+    @flow
+    def probe_flow() -> int:
+        return probe_task()
+
+    def written(results: Path) -> list[Path]:
+        return [path for path in results.rglob("*") if path.is_file()]
+
+    results = tmp_path / "prefect-results"
+    with temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True,
+                             PREFECT_LOCAL_STORAGE_PATH: results}):
+        probe_flow()
+        assert written(results)  # these settings do make a plain task and flow persist
+        for path in written(results):
+            path.unlink()
+        distill(DistillConfig(**flow_config(tiny_dataset["train"], tiny_dataset["test"],
+                                            str(tmp_path / "run"))))
+    assert (tmp_path / "run" / "report.md").exists()
+    assert written(results) == []
 
 
 CANARY = {"AWS_ACCESS_KEY_ID": "AKIAGRIDISTILLCANARY7",
