@@ -307,13 +307,6 @@ def index_and_check(config: DistillConfig, store: StoreSpec) -> ArtifactRef:
     return dataset
 
 
-def with_storage(stage_task: Any, config: DistillConfig) -> Any:
-    """The stage task, caching into the configured result storage (shared by all workers)."""
-    if config.result_storage:
-        return stage_task.with_options(result_storage=config.result_storage)
-    return stage_task
-
-
 def launch(stage_task: Any, store: StoreSpec, params: BaseModel, scopes: list[str],
            upstream: list[list[Any]], force: list[bool]) -> list[PrefectFuture]:
     """One task run per scope, with that scope's upstream refs (or futures) and force flag."""
@@ -345,7 +338,7 @@ def submit(dag: Dag, nodes: Sequence[Node], setup: Setup, store: StoreSpec,
                 [made[label][name] for name in classes] if dag.per_class(label) else
                 list(made[label].values()))]]
             force = [any(config.forced(node.stage, classes))]
-        futures = dict(zip(scopes, launch(with_storage(stage_task, config), store, params,
+        futures = dict(zip(scopes, launch(stage_task, store, params,
                                           scopes, inputs, force), strict=True))
         made.setdefault(node.label, {}).update(futures)
         started.setdefault(node.label, {}).update(futures)

@@ -92,10 +92,7 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
 
     runner = build_task_runner(config.task_runner, max_workers=config.worker_count(),
                                address=config.task_runner_address)
-    options: dict[str, Any] = {"task_runner": runner}
-    if config.result_storage:
-        options["result_storage"] = config.result_storage
-    return distill.with_options(**options)(config)
+    return distill.with_options(task_runner=runner)(config)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -118,10 +118,6 @@ class DistillConfig(BaseModel):
         "Name of a Prefect Secret block holding {aws_access_key_id, aws_secret_access_key"
         "[, aws_session_token]}; each worker loads it into its environment. Default: the "
         "environment / AWS credential chain."))
-    result_storage: str | None = Field(None, description=(
-        "Prefect block (e.g. remote-file-system/gridistill-results) holding cached task "
-        "results, so any worker finds them. Default: Prefect's own setting "
-        "(PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, else the local disk)."))
     force_from: Stage | None = Field(None, description=(
         "Recompute this stage and every later one (for force_classes), reusing the rest."))
     force_classes: list[str] | None = Field(None, description=(

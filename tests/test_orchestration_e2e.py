@@ -124,13 +124,12 @@ def stack(tmp_path_factory, s3_endpoint) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def deployed(stack: Stack, s3_endpoint) -> dict[str, str]:
-    """Pools, the `gpu` limit and the results block; a worker per pool; deploy --all."""
+    """Pools and the `gpu` limit; a worker per pool; deploy --all."""
     import s3fs
 
     bucket = f"s3://orchestration-{os.getpid()}"
     s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(bucket)
-    stack.run("python", "-m", "deployments.setup", "--gpu-slots", "1", "--results-url",
-              f"{bucket}/prefect-results", "--storage-option", f"endpoint_url={s3_endpoint}")
+    stack.run("python", "-m", "deployments.setup", "--gpu-slots", "1")
     for pool in ("cpu", "gpu"):
         worker_home = stack.logs / f"worker-{pool}"
         stack.start(f"worker-{pool}", "prefect", "worker", "start", "--pool", pool,
@@ -192,8 +191,7 @@ def test_deployed_run_on_pools_then_ui_rerun_of_two_classes(stack, deployed, tin
         storage_options=options, ipc=1, grid_size=2, grid_resolution=32,
         methods=["ssdim", "random"], embedder="pixels-pca", enhance=["bilinear"],
         enhance_scale=2, eval_image_size=16, eval_epochs=2, eval_seeds=1, progress=False,
-        device="cpu", max_workers=2,
-        result_storage="remote-file-system/gridistill-results")
+        device="cpu", max_workers=2)
     pools = {"poll_seconds": 1}
 
     with temporary_settings({PREFECT_API_URL: stack.api_url}):
@@ -256,6 +254,9 @@ def test_deployed_run_on_pools_then_ui_rerun_of_two_classes(stack, deployed, tin
 
     timings = store.read_parquet("timings.parquet")
     assert set(timings["status"]) == {"Cached", "Completed"}
+    # No flow or task persisted a result (Prefect would pickle it): the run root is the cache.
+    assert [path for pool in ("cpu", "gpu") for path in
+            (stack.logs / f"worker-{pool}" / "results").rglob("*") if path.is_file()] == []
     print(f"\nfirst run {first_seconds:.1f}s, UI-style rerun {rerun_seconds:.1f}s")
 
 
