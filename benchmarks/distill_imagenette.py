@@ -12,7 +12,7 @@ Methods (one distilled image per slot, ``IPC`` images per class at 224 px in eve
 
 - ``random-real``: IPC random real images per class; ``full-real``: the whole train split;
 - ``<selector>-grid``: IPC grids per class of L x L images chosen by
-  ``tasks.select.select_grids`` with ``<selector>`` (``random``, ``kcenter``, ``herding``,
+  ``tasks.grid_layout.select_grids`` with ``<selector>`` (``random``, ``kcenter``, ``herding``,
   ``ssdim``, ...), one grid after another from what is left of the class (the paper);
   ``<selector>-joint-grid``: all IPC x L x L images in one selection, dealt into grids;
 - ``ssdim[a,b,c]-grid``: SSDIM with weights (alpha, beta, gamma) = (a, b, c), sequential
@@ -134,7 +134,7 @@ class Method:
     """How one benchmark method distils a class."""
 
     name: str
-    selector: Any = None  # tasks.select selector name or callable; None: real images
+    selector: Any = None  # tasks.selectors selector name or callable; None: real images
     grid_selection: str = "sequential"
     uses_embeddings: bool = False  # False: the same set under every embedder
 
@@ -164,7 +164,7 @@ def parse_method(name: str) -> Method:
                       True)
     if selector not in SELECTION_METHODS:
         raise SystemExit(
-            f"method {name!r} needs selector {selector!r}, which tasks.select does not offer "
+            f"method {name!r} needs selector {selector!r}, which tasks.selectors does not offer "
             f"(it has: {', '.join(SELECTION_METHODS)}); leave it out with --methods")
     return Method(name, selector, grid_selection, selector != "random")
 

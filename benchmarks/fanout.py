@@ -26,14 +26,13 @@ and prints where the wall time of the task runs went. ``--variants`` prototypes 
 flow's task options inside this process (the flow module is not edited):
 
 - ``baseline``: the flow as it is;
-- ``no-persist``: stage tasks without Prefect result persistence and cache keys (the run root's
-  committed folders remain the cache: a rerun returns every stage from the run root, but
-  Prefect shows the task runs as Completed, not Cached);
 - ``quiet``: the stages' per-task INFO log lines are not sent to the Prefect API.
 
-Two earlier prototypes were measured here and are now part of the flow (see docs/scale.md):
+Three earlier prototypes were measured here and are now part of the flow (see docs/scale.md):
 stage tasks carry no tags (Prefect 3.8 asks the API for a concurrency-slot lease on every
-tagged task run), and per-class tasks get a dataset ref holding only their own class.
+tagged task run), per-class tasks get a dataset ref holding only their own class, and stage
+tasks have no Prefect cache key and persist no result (``no-persist``; the run root's commit
+markers are the cache, and a reused stage still reports Cached).
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RUN_LABEL = "task run, whole (summed over threads)"
 BODY_LABEL = "stage body incl. run-root commit"
-VARIANTS = ("baseline", "no-persist", "quiet")
+VARIANTS = ("baseline", "quiet")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -151,27 +150,16 @@ def attribute(timers: Timers) -> None:
 
 
 def apply_variant(variant: str) -> None:
-    """Replace the flow module's stage tasks by prototypes of proposed changes ("a+b": both)."""
+    """Prototype proposed changes to the flow in this process ("a+b": both)."""
     import logging
 
-    from prefect import Task
-
-    import flows.distill as flow_module
     import gridistill.stages
 
-    stage_tasks = [name for name, value in vars(flow_module).items() if isinstance(value, Task)
-                   and value.fn.__module__.startswith("tasks.")]
     quiet = logging.getLogger("gridistill")
     for change in variant.split("+"):
         if change == "baseline":
             continue
-        if change == "no-persist":
-            from prefect.cache_policies import NO_CACHE
-
-            for name in stage_tasks:
-                setattr(flow_module, name, getattr(flow_module, name).with_options(
-                    cache_policy=NO_CACHE, persist_result=False))
-        elif change == "quiet":
+        if change == "quiet":
             gridistill.stages.stage_logger = lambda: quiet  # a local logger: not sent to the API
         else:
             raise ValueError(f"unknown change {change!r} in {variant!r}; choose from {VARIANTS}")
