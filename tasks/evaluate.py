@@ -1182,11 +1182,15 @@ def evaluate_grids(store: RunStore, folder: str, scope: str, params: EvalParams,
     test_images, test_labels = read_test_split(
         store, tests, student_test_size(params.protocol, params.image_size))
     teacher = read_teacher(store, teachers[0], dataset, params.device) if teachers else None
-    working = working_resolution(protocol, training_crop_size(protocol, size, teacher),
-                                 params.grid_size)
+    protocol = get_protocol(params.protocol)
+    crop_size = training_crop_size(protocol, params.image_size or protocol.image_size, teacher)
+    working = working_resolution(protocol, crop_size, params.grid_size)
+    if max(grids[0].size) > working:  # e.g. enhanced grids: crop from a copy no larger than needed
+        train_images = torch.stack([_square_pixels(grid, working) for grid in grids])
+    else:
+        train_images = _to_uint8(grids)
     result = train_and_evaluate_seeds(
-        _to_uint8(grids, working if max(grids[0].size) > working else None),
-        torch.tensor(grid_labels), test_images, test_labels,
+        train_images, torch.tensor(grid_labels), test_images, test_labels,
         seeds=[params.seed + i for i in range(params.seeds)], num_classes=params.num_classes,
         student=params.student, protocol=params.protocol, grid_size=params.grid_size,
         image_size=params.image_size, epochs=params.epochs, ipc=params.ipc, teacher=teacher,
