@@ -309,3 +309,22 @@ def test_harness_overhead_reports_both_speeds():
     speeds = harness_overhead(images, labels, num_classes=4, image_size=16, repeats=1)
     assert speeds["harness_images_per_s"] > 0 and speeds["bare_images_per_s"] > 0
     assert math.isfinite(speeds["overhead_pct"])
+
+
+@pytest.mark.parametrize(("protocol", "crop_size", "grid_size"),
+                         [("cpu-small", 32, 4), ("cpu-small", 32, None), ("rded", 224, 4),
+                          ("cpu-soft", 128, 4)])
+def test_working_resolution_keeps_every_crop_at_least_crop_size(protocol: str, crop_size: int,
+                                                                grid_size: int | None) -> None:
+    from tasks.augment import sample_crop_box
+    from tasks.evaluate import get_protocol, working_resolution
+
+    preset = get_protocol(protocol)
+    side = working_resolution(preset, crop_size, grid_size)
+    generator = torch.Generator().manual_seed(0)
+    narrowest = min(
+        min(box.height, box.width)
+        for box in (sample_crop_box(side, side, grid_size or 1,
+                                    preset.p_align if grid_size else 0.0, generator,
+                                    scale=preset.crop_scale) for _ in range(4000)))
+    assert narrowest >= crop_size - 1  # the crop window's side is rounded to whole pixels
