@@ -1032,7 +1032,7 @@ def read_test_split(store: RunStore, refs: Sequence[ArtifactRef], size: int,
         raise ValueError("no readable test images")
     pixels = np.frombuffer(b"".join(rows["pixels"]), dtype=np.uint8)
     return (torch.from_numpy(pixels.reshape(len(rows), 3, size, size).copy()),
-            torch.from_numpy(rows["label"].to_numpy(dtype=np.int64)))
+            torch.tensor(rows["label"].to_numpy(dtype=np.int64)))
 
 
 class TeacherParams(BaseModel):
