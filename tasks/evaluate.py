@@ -291,7 +291,7 @@ PROTOCOLS: dict[str, Protocol] = {
         schedule="cosine",
         # Longer than the ImageNette benchmark's first budgets (30 epochs at IPC 10 moved by
         # 2-9 points per doubling): see benchmarks/distill_imagenette.md for the curve.
-        epochs_by_ipc=((1, 500), (10, 240), (10**9, 60)),
+        epochs_by_ipc=((1, 300), (10, 240), (10**9, 60)),
         batch_by_ipc=((10**9, 16),),
         image_size=32,
         student="convnet_d3",
