@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from gridistill.stages import StoreSpec, stage_folder
 from gridistill.storage import RunStore
 from tasks.ingest import (
+    IMAGE_EXTENSIONS,
     IndexParams,
     LoadParams,
     decode_image,
@@ -116,8 +117,8 @@ def test_class_folder_ingestion_reports_every_file_and_loads_or_fails_clearly(wo
         for stem, (extension, kind) in members.items():
             (root / class_name / (stem + extension)).write_bytes(KINDS[kind])
             files.append((class_name, stem + extension, kind))
-    images = [f for f in files if f[1].lower().endswith((".png", ".jpg", ".jpeg", ".gif",
-                                                         ".webp"))]
+    # Every name ending in a listed extension counts, ".TIF" (a stem "." + "TIF") included.
+    images = [f for f in files if f[1].lower().endswith(IMAGE_EXTENSIONS)]
     if not images:
         with pytest.raises(ValueError, match="no images found"):
             scan_samples(str(root))
