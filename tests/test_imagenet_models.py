@@ -15,6 +15,7 @@ from gridistill.models import (
     load_imagenet_classifier,
     lukemelas_to_timm,
     packaged_weight_file,
+    read_state_dict,
 )
 from tasks.embed import classifier_transform
 from tasks.evaluate import (
@@ -55,8 +56,7 @@ def test_packaged_weights_classify_the_sample_photos(lite0):
 
 
 def test_renaming_covers_every_key_and_refuses_foreign_ones(lite0):
-    state = torch.load(packaged_weight_file("efficientnet-lite0"), map_location="cpu",
-                       weights_only=True)
+    state = read_state_dict(packaged_weight_file("efficientnet-lite0"))
     renamed = lukemelas_to_timm(state, lite0.model)
     assert set(renamed) == set(lite0.model.state_dict())
     with pytest.raises(ValueError, match="not an EfficientNet"):
