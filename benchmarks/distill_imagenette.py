@@ -1,8 +1,8 @@
 """ImageNette benchmark on a CPU: real images vs grids, IPC 1 and 10, hard and soft labels.
 
 Distils ``public/train`` of ``../shared/data/imagenette`` with each method, trains a fresh
-student on the distilled set with :func:`tasks.evaluate.train_and_evaluate` and tests it on
-``public/test``. Run from the repository root::
+student on the distilled set with :func:`gridistill.tasks.evaluate.train_and_evaluate` and
+tests it on ``public/test``. Run from the repository root::
 
     python -m benchmarks.distill_imagenette                 # the goal rows (see the .md)
     python -m benchmarks.distill_imagenette --quick         # smoke run, ~2 min
@@ -12,8 +12,8 @@ Methods (one distilled image per slot, ``IPC`` images per class at 224 px in eve
 
 - ``random-real``: IPC random real images per class; ``full-real``: the whole train split;
 - ``<selector>-grid``: IPC grids per class of L x L images chosen by
-  ``tasks.grid_layout.select_grids`` with ``<selector>`` (``random``, ``kcenter``, ``herding``,
-  ``ssdim``, ...), one grid after another from what is left of the class (the paper);
+  ``gridistill.tasks.grid_layout.select_grids`` with ``<selector>`` (``random``, ``kcenter``,
+  ``herding``, ``ssdim``, ...), one grid after another from what is left of the class (the paper);
   ``<selector>-joint-grid``: all IPC x L x L images in one selection, dealt into grids;
 - ``ssdim[a,b,c]-grid``: SSDIM with weights (alpha, beta, gamma) = (a, b, c), sequential
   (the paper's Table 6; ``ssdim[0,0,0]`` is random grids there and here).
@@ -41,9 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from gridistill.tasks.evaluate import get_protocol, harness_overhead, train_and_evaluate
 from PIL import Image
-
-from tasks.evaluate import get_protocol, harness_overhead, train_and_evaluate
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
 REAL_METHOD = "random-real"
@@ -60,7 +59,7 @@ class BenchmarkConfig:
     methods: tuple[str, ...] = ("random-real", "random-grid", "ssdim-grid", "ssdim-joint-grid")
     ipcs: tuple[int, ...] = (10,)
     seeds: tuple[int, ...] = (0, 1, 2)
-    embedders: tuple[str, ...] = ("efficientnet-lite0",)  # tasks.embed.EMBEDDERS
+    embedders: tuple[str, ...] = ("efficientnet-lite0",)  # gridistill.tasks.embed.EMBEDDERS
     labels: tuple[str, ...] = ("hard",)  # keys of LABELS
     grid_size: int = 4
     resolution: int = 224  # storage resolution of every distilled image
@@ -134,7 +133,7 @@ class Method:
     """How one benchmark method distils a class."""
 
     name: str
-    selector: Any = None  # tasks.selectors selector name or callable; None: real images
+    selector: Any = None  # gridistill.tasks.selectors selector name or callable; None: real images
     grid_selection: str = "sequential"
     uses_embeddings: bool = False  # False: the same set under every embedder
 
@@ -143,8 +142,8 @@ def parse_method(name: str) -> Method:
     """A benchmark method by name (module docstring); fails before any work if unknown."""
     import functools
 
-    from tasks.selectors import SELECTION_METHODS
-    from tasks.ssdim import ssdim
+    from gridistill.tasks.selectors import SELECTION_METHODS
+    from gridistill.tasks.ssdim import ssdim
 
     if name in (REAL_METHOD, FULL_METHOD):
         return Method(name)
@@ -164,7 +163,8 @@ def parse_method(name: str) -> Method:
                       True)
     if selector not in SELECTION_METHODS:
         raise SystemExit(
-            f"method {name!r} needs selector {selector!r}, which tasks.selectors does not offer "
+            f"method {name!r} needs selector {selector!r}, which gridistill.tasks.selectors "
+            f"does not offer "
             f"(it has: {', '.join(SELECTION_METHODS)}); leave it out with --methods")
     return Method(name, selector, grid_selection, selector != "random")
 
@@ -180,8 +180,9 @@ def embed_pool(
     Kept in ``benchmarks/cache/`` under a key of the embedder, its weights and the file list,
     so that the one slow step on a CPU (EfficientNet-Lite0 at 224 px) runs once.
     """
+    from gridistill.tasks.embed import choose_embedder
+
     from gridistill.storage import content_key
-    from tasks.embed import choose_embedder
 
     choice = choose_embedder(embedder, clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b79k")
     if choice.fallback_reason:
@@ -206,9 +207,9 @@ def distil(method: Method, pool: Split, embeddings: dict[int, np.ndarray], ipc: 
            config: BenchmarkConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The distilled set of one method: (IPC * classes, 3, R, R) uint8 images and labels
     (for ``full-real``: every pool image)."""
-    from tasks.grid_layout import select_grids
-    from tasks.grids import assemble_grid
-    from tasks.selectors import select
+    from gridistill.tasks.grid_layout import select_grids
+    from gridistill.tasks.grids import assemble_grid
+    from gridistill.tasks.selectors import select
 
     if method.name == FULL_METHOD:
         return (to_uint8_tensor([load_rgb(p) for p in pool.paths], config.resolution),
@@ -281,8 +282,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(config: BenchmarkConfig, speed_only: bool = False) -> list[dict[str, Any]]:
     import pandas as pd
-
-    from tasks.evaluate import imagenet_teacher
+    from gridistill.tasks.evaluate import imagenet_teacher
 
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -10,14 +10,15 @@ the same arithmetic as trained ones): ``tiny`` is a 2-layer, 64-wide ViT/32 regi
 
 - **decode**: read + sha256 + decode + open_clip's eval preprocessing (resize 224 bicubic,
   centre crop, normalise) in ``--workers`` DataLoader worker processes (0: in this process),
-  through the embed stage's own Dataset and loader (``tasks.embed.ImageFiles``). On CUDA (or
+  through the embed stage's own Dataset and loader (``gridistill.tasks.embed.ImageFiles``).
+  On CUDA (or
   with ``--device-decode``) also ``torchvision.io.decode_jpeg`` on the device (nvJPEG, batched)
   with resize/crop there, alone and end to end.
 - **model**: a preprocessed batch already on the device through ``encode_image``, repeated.
 - **end to end**: files -> DataLoader -> device -> ``encode_image`` -> L2-normalised float16
   embeddings on the host, i.e. what the embed stage has to produce.
 
-Everything runs the embed stage's functions (``tasks.embed``: ``prepare_model``,
+Everything runs the embed stage's functions (``gridistill.tasks.embed``: ``prepare_model``,
 ``clip_features``, ``image_loader``) under ``torch.inference_mode``; on CUDA the model runs in
 ``--dtype`` (bfloat16 by default, float16 possible) autocast with channels_last inputs and
 weights, pinned host memory and non-blocking copies. Seconds are wall clock after one warm-up
@@ -43,9 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from tasks.embed import (  # noqa: E402
+from gridistill.tasks.embed import (  # noqa: E402
     ImageFiles,
     Transform,
     clip_features,
@@ -54,6 +53,7 @@ from tasks.embed import (  # noqa: E402
     to_device,
     worker_context,
 )
+from torch.utils.data import DataLoader  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/imagenette/public/train"
 TINY_NAME = "gridistill-tiny-vit"

@@ -3,10 +3,10 @@
     HF_HUB_OFFLINE=1 python benchmarks/fanout.py --classes 10 100 1000
     HF_HUB_OFFLINE=1 python benchmarks/fanout.py --classes 100 --workers 2 8 --variants baseline
 
-Each row runs ``flows.distill.distill`` (pixels-pca embedder, CPU, 2x2 grids at 32 px, one
-method, one evaluation epoch) in a fresh child process that shares one warm Prefect home; the
-child starts the ephemeral Prefect server with a one-task warm-up flow first, so the wall time
-is the flow alone, not the server's start. Printed per row:
+Each row runs ``gridistill.flows.distill.distill`` (pixels-pca embedder, CPU, 2x2 grids at
+32 px, one method, one evaluation epoch) in a fresh child process that shares one warm Prefect
+home; the child starts the ephemeral Prefect server with a one-task warm-up flow first, so the
+wall time is the flow alone, not the server's start. Printed per row:
 
 - ``wall s``: the ``distill(config)`` call; ``task runs``: counted (5 per class + index,
   evaluate, report, and any whole-run stage the flow has);
@@ -301,7 +301,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.attribute:
         attribute(timers)
     apply_variant(args.variant)
-    import flows.distill as flow_module
+    import gridistill.flows.distill as flow_module
 
     memory.wrap_task(flow_module.write_report, "report")
 

@@ -49,8 +49,9 @@ DEMO_TRAIN = REPO / "gridistill" / "demo_data" / "imagenette-mini" / "train"
 # What the device image lacks and the steps import (the image has torch, timm, transformers...),
 # then the versions that the later steps' numbers belong to.
 IMPORT_CHECK = (
-    "import torch, diffusers, open_clip, prefect, pydantic, gridistill.cli, flows.distill, "
-    "tasks.embed, tasks.enhance, tasks.refine, tasks.select; print('imports ok:', *(f'{m.__name__} "
+    "import torch, diffusers, open_clip, prefect, pydantic, gridistill.cli, "
+    "gridistill.flows.distill, gridistill.tasks.embed, gridistill.tasks.enhance, "
+    "gridistill.tasks.refine, gridistill.tasks.select; print('imports ok:', *(f'{m.__name__} "
     "{m.__version__}' for m in (torch, diffusers, open_clip, prefect, pydantic)), 'CUDA:', "
     "torch.cuda.is_available() and torch.cuda.get_device_name())"
 )

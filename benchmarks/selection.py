@@ -35,10 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from gridistill.tasks import selectors
+from gridistill.tasks import ssdim as solvers
 from PIL import Image
-
-from tasks import selectors
-from tasks import ssdim as solvers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/imagenette/public/train"
 # Synthetic inputs: pool size M -> (dimension d, subset size k, seed).

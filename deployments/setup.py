@@ -1,7 +1,7 @@
 """One-off server setup before ``prefect deploy --all``: work pools and the GPU limit.
 Idempotent, so it is safe in a container entrypoint or CI.
 
-    python -m deployments.setup --gpu-slots 1
+    python -m gridistill.deployments.setup --gpu-slots 1
 
 Credentials never go here: s3fs reads them from the environment / the AWS chain on each
 process that touches the bucket.
@@ -54,7 +54,8 @@ def save_aws_credentials_block(name: str, access_key_id: str, secret_access_key:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m gridistill.deployments.setup",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu-slots", type=int, default=1,
                         help="size of the 'gpu' concurrency limit: GPUs serving the gpu pool")

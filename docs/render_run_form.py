@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 env=env | {"PREFECT_HOME": f"{home}/server", "PREFECT_SERVER_API_PORT": str(port)})
         try:
             wait_healthy(api_url, server)
-            run([str(BIN / "python"), "-m", "deployments.setup", "--gpu-slots", "1"], env)
+            run([str(BIN / "python"), "-m", "gridistill.deployments.setup", "--gpu-slots", "1"],
+                env)
             run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
                  "deployments/prefect.yaml"], env)
             url = (f"http://127.0.0.1:{port}/deployments/deployment/"

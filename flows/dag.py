@@ -30,9 +30,10 @@ from gridistill.config import DistillConfig, Stage
 from gridistill.stages import ArtifactRef, StoreSpec
 
 if TYPE_CHECKING:
-    from tasks.embed import EmbedderChoice
-    from tasks.enhance import EnhanceParams
-    from tasks.refine import RefineParams
+    from gridistill.tasks.embed import EmbedderChoice
+    from gridistill.tasks.enhance import EnhanceParams
+    from gridistill.tasks.evaluate import TeacherParams
+    from gridistill.tasks.refine import RefineParams
 
 Pool = Literal["cpu", "gpu"]
 # The input name of the dataset ref: a per-class node gets a copy holding only its class's row.
@@ -55,7 +56,7 @@ class Setup:
     def embedder(self) -> EmbedderChoice:
         # Resolved where embed runs, because that is where the CLIP weights are.
         if self._embedder is None:
-            from tasks.embed import choose_embedder
+            from gridistill.tasks.embed import choose_embedder
 
             config = self.config
             self._embedder = choose_embedder(
@@ -66,7 +67,7 @@ class Setup:
 
     def enhancer(self, backend: str) -> EnhanceParams:
         if backend not in self._enhancers:
-            from tasks.enhance import EnhanceParams, load_enhancer
+            from gridistill.tasks.enhance import EnhanceParams, load_enhancer
 
             config = self.config
             params = EnhanceParams(backend=backend, scale=config.enhance_scale, seed=config.seed,
@@ -77,7 +78,7 @@ class Setup:
 
     def refine(self) -> RefineParams:
         if self._refine is None:
-            from tasks.refine import RefineParams, load_dit_for
+            from gridistill.tasks.refine import RefineParams, load_dit_for
 
             config = self.config
             params = RefineParams(diver=config.diver, seed=config.seed, device=self.device,
@@ -161,7 +162,7 @@ def evaluated_sets(config: DistillConfig) -> dict[str, tuple[str, str]]:
 
 
 def uses_teacher(config: DistillConfig) -> bool:
-    from tasks.evaluate import get_protocol
+    from gridistill.tasks.evaluate import get_protocol
 
     return get_protocol(config.eval_protocol).labels == "teacher"
 
@@ -169,13 +170,13 @@ def uses_teacher(config: DistillConfig) -> bool:
 # Binders import their stage module when called: a segment run on a worker is a fresh process,
 # and importing every stage (diffusers, timm, open_clip) would add ~15 s to each.
 def _load(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from tasks.ingest import LoadParams, load_class
+    from gridistill.tasks.ingest import LoadParams, load_class
 
     return load_class, LoadParams()
 
 
 def _embed(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from tasks.embed import EmbedParams, embed_class
+    from gridistill.tasks.embed import EmbedParams, embed_class
 
     config = setup.config
     return embed_class, EmbedParams(
@@ -185,7 +186,7 @@ def _embed(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
 
 
 def _select(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseModel]:
-    from tasks.select import SelectParams, cells_per_side, select_class
+    from gridistill.tasks.select import SelectParams, cells_per_side, select_class
 
     config = setup.config
     return select_class, SelectParams(
@@ -194,8 +195,8 @@ def _select(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseM
 
 
 def _grids(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseModel]:
-    from tasks.grids import GridParams, assemble_class_grids
-    from tasks.select import cells_per_side
+    from gridistill.tasks.grids import GridParams, assemble_class_grids
+    from gridistill.tasks.select import cells_per_side
 
     config = setup.config
     return assemble_class_grids, GridParams(grid_size=cells_per_side(method, config.grid_size),
@@ -203,19 +204,19 @@ def _grids(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseMo
 
 
 def _enhance(setup: Setup, dataset: ArtifactRef, backend: str) -> tuple[Any, BaseModel]:
-    from tasks.enhance import enhance_class
+    from gridistill.tasks.enhance import enhance_class
 
     return enhance_class, setup.enhancer(backend)
 
 
 def _refine(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from tasks.refine import refine_class
+    from gridistill.tasks.refine import refine_class
 
     return refine_class, setup.refine()
 
 
 def _test_split(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from tasks.evaluate import TestSplitParams, decode_test_split, student_test_size
+    from gridistill.tasks.evaluate import TestSplitParams, decode_test_split, student_test_size
 
     config = setup.config
     return decode_test_split, TestSplitParams(
@@ -223,15 +224,34 @@ def _test_split(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
         device=setup.device)
 
 
+def teacher_params(config: DistillConfig, device: str) -> TeacherParams | None:
+    """The teacher stage's parameters for a run (None: its protocol uses hard labels)."""
+    from gridistill.tasks.evaluate import TeacherParams, get_protocol
+
+    from gridistill.models import IMAGENET_CLASSIFIERS
+
+    protocol = get_protocol(config.eval_protocol)
+    if protocol.labels != "teacher":
+        return None
+    image_size = config.eval_image_size or protocol.image_size
+    imagenet = config.teacher in IMAGENET_CLASSIFIERS
+    return TeacherParams(
+        architecture=config.teacher,
+        checkpoint=config.classifier_checkpoint if imagenet else config.teacher_checkpoint,
+        image_size=image_size,
+        test_image_size=(protocol.teacher_image_size or image_size) if imagenet else None,
+        seed=config.seed, device=device, progress=config.progress)
+
+
 def _teacher(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from tasks.evaluate import teacher_params, train_teacher_on_pool
+    from gridistill.tasks.evaluate import train_teacher_on_pool
 
     return train_teacher_on_pool, teacher_params(setup.config, setup.device)
 
 
 def _evaluate(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseModel]:
-    from tasks.evaluate import EvalParams, evaluate_grids
-    from tasks.select import cells_per_side
+    from gridistill.tasks.evaluate import EvalParams, evaluate_grids
+    from gridistill.tasks.select import cells_per_side
 
     config = setup.config
     side = cells_per_side(method, config.grid_size)
@@ -289,15 +309,15 @@ def class_refs(dataset: ArtifactRef, classes: Sequence[str]) -> dict[str, Artifa
 def index_and_check(config: DistillConfig, store: StoreSpec) -> ArtifactRef:
     """List the data (the index task), then refuse classes a later stage cannot serve, before
     any class's data is read."""
-    from tasks.evaluate import check_imagenet_classes, teacher_params
-    from tasks.ingest import IndexParams, index_dataset
+    from gridistill.tasks.evaluate import check_imagenet_classes
+    from gridistill.tasks.ingest import IndexParams, index_dataset
 
     dataset = index_dataset(store, IndexParams(
         data=config.data, test_data=config.test_data, class_list=config.class_list,
         holdout_share=config.holdout_share, seed=config.seed))
     classes = class_names(dataset)
     if config.refine:
-        from tasks.refine import imagenet_index
+        from gridistill.tasks.refine import imagenet_index
 
         for name in classes:
             imagenet_index(name)  # every class needs a DiT label before any GPU work
@@ -376,8 +396,8 @@ def report_run(store: StoreSpec, config: DistillConfig, dataset: ArtifactRef, re
                summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the run report from every node's refs; returns the flows' result (report URL,
     one metrics row per evaluated set)."""
-    from tasks.evaluate import teacher_summary
-    from tasks.report import skip_notes, write_report
+    from gridistill.tasks.evaluate import teacher_summary
+    from gridistill.tasks.report import skip_notes, write_report
 
     notes = notes + skip_notes([ref for stage in ("load", "embed")
                                 for ref in refs.get(stage, {}).values()])

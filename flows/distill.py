@@ -1,4 +1,4 @@
-"""The distillation DAG (:mod:`flows.dag`) run in one process.
+"""The distillation DAG (:mod:`gridistill.flows.dag`) run in one process.
 
 Every node's tasks are started at once under the flow's task runner, each waiting only for
 its own inputs; ``flows/pooled.py`` runs the same nodes hop by hop over work pools.
@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from gridistill.flows.dag import (
+    Setup,
+    build_dag,
+    class_names,
+    collect,
+    index_and_check,
+    report_run,
+    submit,
+)
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dag import Setup, build_dag, class_names, collect, index_and_check, report_run, submit
 from gridistill.config import DistillConfig
 from gridistill.stages import StoreSpec
 

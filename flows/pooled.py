@@ -1,9 +1,9 @@
-"""The distillation DAG (:mod:`flows.dag`) across work pools: CPU stages on ``cpu`` workers,
-GPU stages on ``gpu`` workers.
+"""The distillation DAG (:mod:`gridistill.flows.dag`) across work pools: CPU stages on ``cpu``
+workers, GPU stages on ``gpu`` workers.
 
 The parent flow (``gridistill-pooled``) only orders calls. It runs the cheap dataset index
 itself, then starts one *segment* per pool hop (the consecutive DAG nodes that
-:func:`flows.dag.build_dag` gives one hop name, see :func:`segments`) as a run of the
+:func:`gridistill.flows.dag.build_dag` gives one hop name, see :func:`segments`) as a run of the
 ``gridistill-stage`` flow, through the deployment for that pool (``run_deployment``)::
 
     parent:  index ─ [load, test split]cpu ─ [embed]gpu ─ [select → grids]cpu
@@ -31,6 +31,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from gridistill.flows.dag import (
+    Dag,
+    Node,
+    Pool,
+    Refs,
+    Setup,
+    build_dag,
+    class_names,
+    collect,
+    index_and_check,
+    report_run,
+    submit,
+)
 from prefect import flow, task, unmapped
 from prefect.artifacts import (
     create_link_artifact,
@@ -47,19 +60,6 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from flows.dag import (
-    Dag,
-    Node,
-    Pool,
-    Refs,
-    Setup,
-    build_dag,
-    class_names,
-    collect,
-    index_and_check,
-    report_run,
-    submit,
-)
 from gridistill.config import CREDENTIAL_NAME, DistillConfig
 from gridistill.runners import build_task_runner
 from gridistill.stages import ArtifactRef, StoreSpec

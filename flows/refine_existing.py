@@ -1,7 +1,7 @@
 """DIVER on any distilled set given by URL: the ``gridistill refine`` command as a GPU flow.
 
 The input (a folder or a file, local or any fsspec URL) is copied to a scratch directory on
-the worker, refined by :func:`gridistill.cli_refine.refine_set` with the request's own
+the worker, refined by :func:`gridistill.tasks.refine_existing.refine_set` with the request's own
 options, and the resulting ImageFolder is uploaded to ``out``; nothing else touches the
 worker's disk.
 """
@@ -15,14 +15,14 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from gridistill.flows.pooled import redact, segment_device
+from gridistill.tasks.refine_existing import refine_set
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 from pydantic import Field
 
-from flows.pooled import redact, segment_device
-from gridistill.cli_refine import refine_set
 from gridistill.refine_options import RefineJob
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from gridistill.flows.pooled import PoolOptions, distill_pooled
 from prefect import flow
 
-from flows.pooled import PoolOptions, distill_pooled
 from gridistill.config import DistillConfig
 
 # fast.ai's releases, unpacked under ``datasets_root``: <folder>/train and <folder>/val,

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-# tasks.selectors.SELECTION_METHODS: the grid selectors.
+# gridistill.tasks.selectors.SELECTION_METHODS: the grid selectors.
 Selector = Literal["ssdim", "random", "kcenter", "herding", "kmeans", "facility", "logdet"]
-# ... plus tasks.select.REAL_IMAGES: IPC real photos per class instead of grids.
+# ... plus gridistill.tasks.select.REAL_IMAGES: IPC real photos per class instead of grids.
 SelectionMethod = Literal[Selector, "random-real"]
-# tasks.enhance.ENHANCE_BACKENDS
+# gridistill.tasks.enhance.ENHANCE_BACKENDS
 EnhanceBackend = Literal["none", "bilinear", "bicubic", "sd-turbo"]
-# tasks.embed.EMBEDDERS
+# gridistill.tasks.embed.EMBEDDERS
 Embedder = Literal["auto", "clip", "efficientnet-lite0", "pixels-pca"]
-# the keys of tasks.evaluate.PROTOCOLS
+# the keys of gridistill.tasks.evaluate.PROTOCOLS
 EvalProtocol = Literal["rded", "minimax", "cpu-small", "cpu-soft"]
-# tasks.evaluate.STUDENTS
+# gridistill.tasks.evaluate.STUDENTS
 Student = Literal["convnet_d3", "convnet_d4", "convnet_d5", "convnet_d6", "resnet18",
                   "resnet18_lowres", "resnetap10", "mobilenetv2", "efficientnet_b0", "vit_tiny"]
 # gridistill.models.IMAGENET_CLASSIFIERS: packaged ImageNet-1K networks (no training needed).

@@ -87,7 +87,7 @@ def check_locations(config: DistillConfig) -> None:
 
 
 def run_distill(config: DistillConfig) -> dict[str, Any]:
-    from flows.distill import distill
+    from gridistill.flows.distill import distill
     from gridistill.runners import build_task_runner
 
     runner = build_task_runner(config.task_runner, max_workers=config.worker_count(),

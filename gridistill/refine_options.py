@@ -2,7 +2,8 @@
 ``gridistill refine`` and the refine-existing flow all take them from here.
 
 Light on purpose (pydantic only, no diffusers): the CLI builds its options from these
-fields before anything heavy is imported. Step indices are defined in :mod:`tasks.refine`.
+fields before anything heavy is imported. Step indices are defined in
+:mod:`gridistill.tasks.refine`.
 """
 
 from __future__ import annotations

@@ -31,11 +31,10 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from gridistill.tasks.augment import GridAwareCrop, Lighting, cutmix_batch
 from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
-
-from tasks.augment import GridAwareCrop, Lighting, cutmix_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -948,7 +947,6 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from gridistill.config import DistillConfig  # noqa: E402
 from gridistill.stages import ArtifactRef, NotInKey, stage_logger, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
 
@@ -965,7 +963,7 @@ def _to_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
 
 def _square_pixels(image: Image.Image, size: int) -> torch.Tensor:
     """(3, size, size) uint8: the image's centre square resized to ``size``."""
-    from tasks.grids import center_crop_square
+    from gridistill.tasks.grids import center_crop_square
 
     square = center_crop_square(image).resize((size, size), Image.BICUBIC)
     return torch.from_numpy(np.array(square.convert("RGB"))).permute(2, 0, 1).contiguous()
@@ -977,7 +975,7 @@ def decode_images(store: RunStore, paths: Sequence[str], labels: Sequence[int], 
     """Images at ``size`` px as uint8, with their labels. Each file is decoded and resized in
     the embed stage's DataLoader (worker processes on CUDA), so only resized pixels are ever
     held. A file that fails to decode, or whose bytes differ from ``sha256``, is skipped."""
-    from tasks.embed import ImageFiles, default_num_workers, image_loader
+    from gridistill.tasks.embed import ImageFiles, default_num_workers, image_loader
 
     files = ImageFiles(paths, functools.partial(_square_pixels, size=size),
                        store.storage_options, sha256)
@@ -1054,24 +1052,6 @@ def _is_imagenet_classifier(architecture: str) -> bool:
     from gridistill.models import IMAGENET_CLASSIFIERS
 
     return architecture in IMAGENET_CLASSIFIERS
-
-
-def teacher_params(config: DistillConfig, device: str) -> TeacherParams | None:
-    """The teacher stage's parameters for a run (None: its protocol uses hard labels).
-
-    With a packaged ImageNet teacher the dataset's classes are checked here, so a class that
-    is not an ImageNet WNID stops the run before any data is loaded."""
-    protocol = get_protocol(config.eval_protocol)
-    if protocol.labels != "teacher":
-        return None
-    image_size = config.eval_image_size or protocol.image_size
-    imagenet = _is_imagenet_classifier(config.teacher)
-    return TeacherParams(
-        architecture=config.teacher,
-        checkpoint=config.classifier_checkpoint if imagenet else config.teacher_checkpoint,
-        image_size=image_size,
-        test_image_size=(protocol.teacher_image_size or image_size) if imagenet else None,
-        seed=config.seed, device=device, progress=config.progress)
 
 
 def teacher_summary(meta: dict[str, Any]) -> str:
@@ -1166,7 +1146,7 @@ def evaluate_grids(store: RunStore, folder: str, scope: str, params: EvalParams,
     ``upstream`` is the dataset, every class's decoded test split, optionally the teacher (for
     soft-label protocols), then the per-class grid artifacts.
     """
-    from tasks.grids import read_grid_images
+    from gridistill.tasks.grids import read_grid_images
 
     dataset, *rest = upstream
     teachers = [ref for ref in rest if ref.stage == "teacher"]

@@ -1,9 +1,9 @@
 """Which selected images go into which grid: IPC grids of ``L x L`` images per class.
 
-:func:`select_grids` picks a class's grids with a selector of :mod:`tasks.selectors`, one grid
-after another or as one selection dealt into grids (:func:`partition_into_grids`);
+:func:`select_grids` picks a class's grids with a selector of :mod:`gridistill.tasks.selectors`,
+one grid after another or as one selection dealt into grids (:func:`partition_into_grids`);
 :func:`plan_selection` and :func:`fill_by_cycling` serve classes with fewer images than cells.
-Plain numpy; the pixels of a grid are assembled in :mod:`tasks.grids`.
+Plain numpy; the pixels of a grid are assembled in :mod:`gridistill.tasks.grids`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-
-from tasks.selectors import SELECTION_METHODS, SELECTORS, Selector
-from tasks.ssdim import IncrementalCholesky, normalise_embeddings
+from gridistill.tasks.selectors import SELECTION_METHODS, SELECTORS, Selector
+from gridistill.tasks.ssdim import IncrementalCholesky, normalise_embeddings
 
 
 def plan_selection(num_images: int, ipc: int, cells: int) -> tuple[int, bool]:

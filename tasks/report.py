@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+from gridistill.tasks.grids import read_grid_images, write_png
 from PIL import Image
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gridistill.stages import ArtifactRef, StoreSpec
 from gridistill.storage import RunStore
-from tasks.grids import read_grid_images, write_png
 
 # At ImageNet scale a sheet of every class would be 800 x 32,000 px: show the first 100.
 CONTACT_SHEET_CLASSES = 100
@@ -89,7 +89,7 @@ def storage_rows(store: RunStore, artifacts: dict[str, dict[str, list[ArtifactRe
 def with_improvement_over_random(metrics: pd.DataFrame) -> pd.DataFrame:
     """Adds DD-Ranking's improvement over random (IOR, points of final top-1 over the
     ``random-real`` set of the same run) when that baseline was evaluated."""
-    from tasks.select import REAL_IMAGES
+    from gridistill.tasks.select import REAL_IMAGES
 
     baseline = metrics.loc[metrics["method"] == REAL_IMAGES, "top1_final_mean"]
     if baseline.empty:

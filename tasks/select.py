@@ -1,7 +1,8 @@
 """The select stage: a class's IPC grids of selected images, written as ``selection.parquet``.
 
-The selection itself is plain numpy elsewhere: :func:`tasks.grid_layout.select_grids` with a
-selector of :mod:`tasks.selectors` (SSDIM, :mod:`tasks.ssdim`, or a baseline).
+The selection itself is plain numpy elsewhere:
+:func:`gridistill.tasks.grid_layout.select_grids` with a selector of
+:mod:`gridistill.tasks.selectors` (SSDIM, :mod:`gridistill.tasks.ssdim`, or a baseline).
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
+from gridistill.tasks.grid_layout import select_grids
 from pydantic import BaseModel
 from threadpoolctl import threadpool_limits
 
 from gridistill.stages import ArtifactRef, stage_task
 from gridistill.storage import RunStore
-from tasks.grid_layout import select_grids
 
 # The field's random baseline (DD-Ranking's "rdm", the peers' "random"): IPC random photos per
 # class, each stored and trained on as a photo (a 1 x 1 grid), not packed into a grid.
@@ -38,8 +39,8 @@ class SelectParams(BaseModel):
 def select_class(store: RunStore, folder: str, scope: str, params: SelectParams,
                  upstream: list[ArtifactRef]) -> dict[str, Any]:
     """Select IPC grids of L² images of one class (:func:`select_grids`)."""
-    # Here, not at the top: tasks.embed imports torch, which selecting never needs.
-    from tasks.embed import read_embeddings
+    # Here, not at the top: gridistill.tasks.embed imports torch, which selecting never needs.
+    from gridistill.tasks.embed import read_embeddings
 
     (embedded,) = upstream
     table, vectors = read_embeddings(store, embedded)

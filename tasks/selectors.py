@@ -4,7 +4,7 @@ A :data:`Selector` takes L2-normalised embedding rows, ``k`` and a seed and retu
 distinct row indices in selection order. :data:`SELECTORS` names every method (SSDIM at the
 paper's settings, then the baselines it is compared with: random, k-center, herding, k-means
 medoids, facility location, log-det); :func:`select` runs one by name on raw embeddings. The
-SSDIM objective and solvers themselves are in :mod:`tasks.ssdim`.
+SSDIM objective and solvers themselves are in :mod:`gridistill.tasks.ssdim`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 # The single-term baselines are the SSDIM objective with two weights at zero, solved by SSDIM's
 # own lazy greedy: one implementation of the gains, so they cannot drift apart.
-from tasks.ssdim import (
+from gridistill.tasks.ssdim import (
     KNN_FROM_IMAGES,
     _check_k,
     _Kernel,
@@ -34,7 +34,7 @@ def select_ssdim(unit_embeddings: np.ndarray, k: int, seed: int) -> np.ndarray:
     """SSDIM with the paper's settings: alpha=1, beta=0.6, gamma=0.3, r=32, eps=1e-3.
 
     Grid Distillation (CVPR 2026), Sec. 3.1; the objective is in the module docstring and the
-    solver in ``tasks.ssdim._three_stage``.
+    solver in ``gridistill.tasks.ssdim._three_stage``.
     """
     return ssdim(unit_embeddings, k, seed=seed)
 

@@ -12,7 +12,7 @@ with ``K = E E^T`` over the L2-normalised embedding rows ``E`` (``U`` = all ``M`
 Every function here L2-normalises the embedding rows itself, so callers may pass raw features.
 The algorithms are plain numpy/scipy; torch is imported only when ``ssdim(..., device=...)``
 asks for it (below). SSDIM solvers are chosen by name with ``ssdim(..., solver=...)``; the
-baselines and the by-name registry of every method are in :mod:`tasks.selectors`.
+baselines and the by-name registry of every method are in :mod:`gridistill.tasks.selectors`.
 
 Large pools (``coverage="knn"``, the default from M = 20000): no ``M x M`` array is formed.
 The spectrum is the exact truncated SVD of ``E`` (top-``r`` eigenvectors of the ``d x d`` Gram
@@ -338,7 +338,7 @@ class IncrementalCholesky:
     the log-det gain ``log(schur_i)`` of every candidate is known after each step, with no
     inverse or determinant per candidate, and only the added images' kernel rows are needed.
     Used by the greedy (``_GreedyState``) and by the per-grid partition
-    (``tasks.grid_layout.partition_into_grids``).
+    (``gridistill.tasks.grid_layout.partition_into_grids``).
     """
 
     def __init__(self, size: int, capacity: int, eps: float):

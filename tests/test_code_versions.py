@@ -11,16 +11,16 @@ import tokenize
 from pathlib import Path
 
 import pytest
+from gridistill.tasks.embed import embed_class
+from gridistill.tasks.enhance import enhance_class
+from gridistill.tasks.evaluate import decode_test_split, evaluate_grids, train_teacher_on_pool
+from gridistill.tasks.grids import assemble_class_grids
+from gridistill.tasks.ingest import load_class
+from gridistill.tasks.refine import refine_class
+from gridistill.tasks.select import select_class
 
 from gridistill.stages import CodeIndex, code_definitions, code_version
 from gridistill.storage import RunStore
-from tasks.embed import embed_class
-from tasks.enhance import enhance_class
-from tasks.evaluate import decode_test_split, evaluate_grids, train_teacher_on_pool
-from tasks.grids import assemble_class_grids
-from tasks.ingest import load_class
-from tasks.refine import refine_class
-from tasks.select import select_class
 
 STAGES = {task.name: task.fn.compute for task in (
     load_class, decode_test_split, embed_class, select_class, assemble_class_grids,
@@ -85,13 +85,13 @@ def with_statement(qualname: str, statement: str):
 @pytest.mark.parametrize("edit", [reworded_comments, reworded_docstrings])
 def test_comment_docstring_and_layout_edits_keep_every_key(edit):
     modules = modules_reached()
-    assert {"tasks.augment", "gridistill.models", "tasks.ingest"} <= modules
+    assert {"gridistill.tasks.augment", "gridistill.models", "gridistill.tasks.ingest"} <= modules
     assert versions({module: edit(real_source(module)) for module in modules}) == versions()
 
 
 def test_a_change_to_the_crop_rekeys_the_stages_that_train_students_only():
     edit = with_statement("sample_crop_box", "p_align = min(p_align, 0.5)")
-    assert rekeyed("tasks.augment", edit) == {"teacher", "evaluate"}
+    assert rekeyed("gridistill.tasks.augment", edit) == {"teacher", "evaluate"}
 
 
 def test_a_change_to_model_preprocessing_rekeys_the_stages_that_run_the_classifier():
@@ -109,7 +109,8 @@ def test_a_change_to_a_model_loader_rekeys_the_stage_that_uses_it(function, stag
 
 def test_a_change_to_a_reader_rekeys_the_stage_that_reads_not_the_one_that_wrote():
     # read_embeddings lives in tasks/embed.py, but only select runs it.
-    assert rekeyed("tasks.embed", with_statement("read_embeddings", "ref = ref")) == {"select"}
+    edit = with_statement("read_embeddings", "ref = ref")
+    assert rekeyed("gridistill.tasks.embed", edit) == {"select"}
 
 
 def test_a_change_to_the_wnid_table_rekeys_the_stages_that_label_by_wnid():
@@ -124,33 +125,36 @@ def test_a_change_to_a_function_no_stage_uses_rekeys_nothing():
 
 def test_moving_unchanged_code_to_another_module_keeps_every_key():
     """As when a module is split: the definition moves, its old module imports it back."""
-    grids, ingest = ast.parse(real_source("tasks.grids")), ast.parse(real_source("tasks.ingest"))
+    grids = ast.parse(real_source("gridistill.tasks.grids"))
+    ingest = ast.parse(real_source("gridistill.tasks.ingest"))
     [moved] = [node for node in grids.body if getattr(node, "name", "") == "center_crop_square"]
     grids.body.remove(moved)
-    grids.body.insert(0, ast.parse("from tasks.ingest import center_crop_square").body[0])
+    moved_import = "from gridistill.tasks.ingest import center_crop_square"
+    grids.body.insert(0, ast.parse(moved_import).body[0])
     ingest.body.append(moved)
-    assert versions({"tasks.grids": ast.unparse(grids),
-                     "tasks.ingest": ast.unparse(ingest)}) == versions()
+    assert versions({"gridistill.tasks.grids": ast.unparse(grids),
+                     "gridistill.tasks.ingest": ast.unparse(ingest)}) == versions()
 
 
 def test_the_stage_machinery_and_its_decorator_arguments_are_not_stage_code():
     assert not any(name.startswith("gridistill.stages:") for compute in STAGES.values()
                    for name in CodeIndex().definitions([compute]))
-    source = real_source("tasks.grids")
+    source = real_source("gridistill.tasks.grids")
     assert '@stage_task("grids")' in source
     edited = source.replace('@stage_task("grids")', '@stage_task("grids", retries=5)')
-    assert versions({"tasks.grids": edited}) == versions()
+    assert versions({"gridistill.tasks.grids": edited}) == versions()
 
 
 def test_how_a_stage_runs_is_marked_out_of_its_key_on_the_field():
+    from gridistill.tasks.embed import EmbedParams
+    from gridistill.tasks.enhance import EnhanceParams
+    from gridistill.tasks.evaluate import EvalParams, TeacherParams
+    from gridistill.tasks.grids import GridParams
+    from gridistill.tasks.ingest import LoadParams
+    from gridistill.tasks.refine import RefineParams
+    from gridistill.tasks.select import SelectParams
+
     from gridistill.stages import NotInKey
-    from tasks.embed import EmbedParams
-    from tasks.enhance import EnhanceParams
-    from tasks.evaluate import EvalParams, TeacherParams
-    from tasks.grids import GridParams
-    from tasks.ingest import LoadParams
-    from tasks.refine import RefineParams
-    from tasks.select import SelectParams
 
     def not_in_key(model) -> set[str]:
         return {name for name, field in model.model_fields.items() if NotInKey in field.metadata}
@@ -167,7 +171,7 @@ def test_how_a_stage_runs_is_marked_out_of_its_key_on_the_field():
 def test_the_process_wide_version_is_the_index_of_the_files():
     compute = STAGES["grids"]
     assert code_version(compute) == CodeIndex().version([compute])
-    assert "tasks.grids:assemble_grid" in code_definitions(compute)
+    assert "gridistill.tasks.grids:assemble_grid" in code_definitions(compute)
 
 
 @pytest.fixture
@@ -188,10 +192,9 @@ def edited_code(monkeypatch):
 @pytest.mark.slow
 def test_a_rerun_after_comment_edits_is_cached_and_a_crop_change_recomputes_the_evaluations(
         prefect_harness, tiny_dataset, tmp_path, edited_code):
+    from gridistill.flows.dag import build_dag
+    from gridistill.flows.distill import distill
     from test_flow import statuses, tiny_config
-
-    from flows.dag import build_dag
-    from flows.distill import distill
 
     config = tiny_config(tiny_dataset, str(tmp_path / "run"))
     # The stages of the run's own DAG, as statuses() names them (label up to the method).
@@ -202,8 +205,8 @@ def test_a_rerun_after_comment_edits_is_cached_and_a_crop_change_recomputes_the_
     distill(config)
     store = RunStore(config.out)
     assert statuses(store) == {stage: {"Cached"} for stage in store_stages}
-    edited_code({"tasks.augment": with_statement("sample_crop_box", "p_align = 0.0")(
-        real_source("tasks.augment"))})
+    edited_code({"gridistill.tasks.augment": with_statement("sample_crop_box", "p_align = 0.0")(
+        real_source("gridistill.tasks.augment"))})
     distill(config)
     assert statuses(store) == {stage: {"Completed" if stage == "evaluate" else "Cached"}
                                for stage in store_stages}

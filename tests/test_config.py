@@ -19,13 +19,14 @@ def names(literal: Any) -> tuple[str, ...]:
 
 
 def test_each_closed_set_equals_the_table_it_mirrors():
+    from gridistill.tasks.embed import EMBEDDERS
+    from gridistill.tasks.enhance import ENHANCE_BACKENDS
+    from gridistill.tasks.evaluate import PROTOCOLS, STUDENTS
+    from gridistill.tasks.grid_layout import GRID_SELECTIONS
+    from gridistill.tasks.select import REAL_IMAGES
+    from gridistill.tasks.selectors import SELECTION_METHODS
+
     from gridistill.models import IMAGENET_CLASSIFIERS
-    from tasks.embed import EMBEDDERS
-    from tasks.enhance import ENHANCE_BACKENDS
-    from tasks.evaluate import PROTOCOLS, STUDENTS
-    from tasks.grid_layout import GRID_SELECTIONS
-    from tasks.select import REAL_IMAGES
-    from tasks.selectors import SELECTION_METHODS
 
     assert names(choices.Selector) == SELECTION_METHODS
     assert names(choices.SelectionMethod) == (*SELECTION_METHODS, REAL_IMAGES)
@@ -81,11 +82,10 @@ def test_a_wrong_choice_is_refused_naming_the_allowed_values(field, value):
 
 def test_the_deployed_flows_refuse_a_wrong_choice_when_validating_their_parameters():
     """What a deployment run does first, before any task: Flow.validate_parameters."""
+    from gridistill.flows.pooled import distill_pooled
+    from gridistill.flows.refine_existing import refine_existing
+    from gridistill.flows.subset import subset_distill
     from prefect.exceptions import ParameterTypeError
-
-    from flows.pooled import distill_pooled
-    from flows.refine_existing import refine_existing
-    from flows.subset import subset_distill
 
     calls = [(distill_pooled, {"config": {"methods": ["ssdim", "ssdm"]}}),
              (subset_distill, {"config": {"eval_protocol": "cpu_small"}}),
@@ -98,8 +98,8 @@ def test_the_deployed_flows_refuse_a_wrong_choice_when_validating_their_paramete
 
 def test_form_descriptions_have_no_markup_that_the_ui_would_swallow():
     """The UI renders descriptions as Markdown/HTML: an <a+b> would vanish."""
-    from flows.pooled import PoolOptions, SegmentRequest
-    from flows.refine_existing import RefineRequest
+    from gridistill.flows.pooled import PoolOptions, SegmentRequest
+    from gridistill.flows.refine_existing import RefineRequest
 
     models: list[type[BaseModel]] = [DistillConfig, PoolOptions, SegmentRequest, RefineRequest]
     for model in models:

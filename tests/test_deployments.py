@@ -64,10 +64,9 @@ def test_every_deployment_parameter_set_matches_its_flow_schema(deployments):
 
 
 def test_ui_form_is_typed_for_reruns_and_presets(deployments):
+    from gridistill.flows.pooled import distill_pooled
+    from gridistill.flows.subset import subset_distill
     from prefect.utilities.callables import parameter_schema
-
-    from flows.pooled import distill_pooled
-    from flows.subset import subset_distill
 
     config = parameter_schema(distill_pooled).model_dump_for_openapi()["definitions"][
         "DistillConfig"]["properties"]
@@ -80,7 +79,8 @@ def test_ui_form_is_typed_for_reruns_and_presets(deployments):
 
 
 def test_subset_preset_sets_data_and_run_root_only():
-    from flows.subset import subset_config
+    from gridistill.flows.subset import subset_config
+
     from gridistill.config import DistillConfig
 
     config = subset_config("imagewoof", "s3://data/", "s3://runs",
@@ -189,8 +189,9 @@ def test_optional_extras_are_pinned():
 
 # -- orchestration helpers -------------------------------------------------------------------
 def test_plan_shares_a_run_between_same_pool_segments_only_when_unchunked():
-    from flows.dag import build_dag
-    from flows.pooled import plan_runs
+    from gridistill.flows.dag import build_dag
+    from gridistill.flows.pooled import plan_runs
+
     from gridistill.config import DistillConfig
 
     dag = build_dag(DistillConfig(methods=["ssdim", "random"], enhance=["bilinear"]))
@@ -224,18 +225,19 @@ def test_the_weekly_deployment_hands_each_per_class_task_only_its_class(deployme
     a dataset ref holding its own class's row only; teacher and evaluate get every row."""
     from types import SimpleNamespace
 
-    import tasks.embed
-    import tasks.enhance
-    import tasks.refine
-    from flows import dag as dag_module
-    from flows.dag import DATASET, build_dag
-    from flows.pooled import (
+    import gridistill.tasks.embed
+    import gridistill.tasks.enhance
+    import gridistill.tasks.refine
+    from gridistill.flows import dag as dag_module
+    from gridistill.flows.dag import DATASET, build_dag
+    from gridistill.flows.pooled import (
         PoolOptions,
         SegmentRequest,
         _segment_tasks,
         plan_runs,
         segment_requests,
     )
+
     from gridistill.config import DistillConfig
     from gridistill.stages import ArtifactRef
 
@@ -246,10 +248,11 @@ def test_the_weekly_deployment_hands_each_per_class_task_only_its_class(deployme
     dataset = ArtifactRef(stage="dataset", scope="all", key="k", folder="dataset/k",
                           meta={"classes": rows, "num_classes": len(rows)})
     # Only the wiring is under test: no model is loaded, no task runs.
-    monkeypatch.setattr(tasks.enhance, "load_enhancer", lambda params: None)
-    monkeypatch.setattr(tasks.refine, "load_dit_for", lambda params: None)
-    monkeypatch.setattr(tasks.embed, "choose_embedder", lambda kind, **_: SimpleNamespace(
-        name="clip:ViT-B-32/laion2b_s34b_b79k", weights="hub", fallback_reason=None))
+    monkeypatch.setattr(gridistill.tasks.enhance, "load_enhancer", lambda params: None)
+    monkeypatch.setattr(gridistill.tasks.refine, "load_dit_for", lambda params: None)
+    monkeypatch.setattr(gridistill.tasks.embed, "choose_embedder", lambda kind, **_:
+                        SimpleNamespace(name="clip:ViT-B-32/laion2b_s34b_b79k", weights="hub",
+                                        fallback_reason=None))
     started: list[tuple[str, str, list]] = []
 
     def launch(stage_task, store, params, scopes, upstream, force):
@@ -286,8 +289,7 @@ def test_the_weekly_deployment_hands_each_per_class_task_only_its_class(deployme
 
 def test_gpu_segments_refuse_a_worker_without_cuda_unless_asked_for_cpu(monkeypatch):
     import torch
-
-    from flows.pooled import GPUUnavailableError, segment_device
+    from gridistill.flows.pooled import GPUUnavailableError, segment_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert segment_device("cpu", "auto") == "cpu"
@@ -313,7 +315,7 @@ def test_credentials_are_refused_as_parameters():
 
 
 def test_redact_masks_credentials_at_any_depth():
-    from flows.pooled import redact
+    from gridistill.flows.pooled import redact
 
     masked = redact({"storage_options": {"endpoint_url": "http://x", "key": "AKIA",
                                          "secret": "s", "client_kwargs": {"aws_session_token":
@@ -396,11 +398,10 @@ def test_refine_existing_moves_a_set_from_s3_to_s3(prefect_harness, s3_bucket, t
                                                    monkeypatch):
     import s3fs
     import torch
+    from gridistill.flows.pooled import GPUUnavailableError
+    from gridistill.flows.refine_existing import RefineRequest, refine_existing
     from PIL import Image
     from test_refine import tiny_dit_parts  # the same tiny DiT the refine tests use
-
-    from flows.pooled import GPUUnavailableError
-    from flows.refine_existing import RefineRequest, refine_existing
 
     bucket, options = s3_bucket
     for part, saved in zip(("transformer", "vae", "scheduler"), tiny_dit_parts(), strict=True):
@@ -426,8 +427,9 @@ def test_refine_existing_moves_a_set_from_s3_to_s3(prefect_harness, s3_bucket, t
 
 
 def test_credentials_block_is_loaded_into_the_environment(prefect_harness, monkeypatch):
-    from deployments.setup import save_aws_credentials_block
-    from flows.pooled import use_credentials_block
+    from gridistill.deployments.setup import save_aws_credentials_block
+    from gridistill.flows.pooled import use_credentials_block
+
     from gridistill.config import DistillConfig
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")

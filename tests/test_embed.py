@@ -6,12 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-
-from gridistill.models import MissingWeightsError, cached_model, load_clip
-from gridistill.stages import StoreSpec
-from gridistill.storage import RunStore
-from tasks.embed import (
+from gridistill.tasks.embed import (
     Embedded,
     EmbedParams,
     choose_embedder,
@@ -21,7 +16,12 @@ from tasks.embed import (
     pixel_pca_project,
     pixel_thumbnail,
 )
-from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+from PIL import Image
+
+from gridistill.models import MissingWeightsError, cached_model, load_clip
+from gridistill.stages import StoreSpec
+from gridistill.storage import RunStore
 from tests.conftest import make_image
 
 TINY_CLIP = {
@@ -137,7 +137,7 @@ def test_decode_workers_do_not_change_the_embeddings(tiny_clip_checkpoint, image
     in_workers = embed_files(choice, image_files, num_workers=2)
     assert in_thread.kept == in_workers.kept == list(range(10)) and in_thread.failed == []
     np.testing.assert_array_equal(in_thread.vectors, in_workers.vectors)
-    from tasks.ingest import read_image
+    from gridistill.tasks.ingest import read_image
 
     decoded = [read_image(p).image for p in image_files]
     np.testing.assert_allclose(in_thread.vectors, choice.embed(decoded), atol=1e-6)

@@ -16,6 +16,18 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     UNet2DConditionModel,
 )
+from gridistill.tasks.enhance import (
+    ENHANCE_BACKENDS,
+    class_prompts,
+    encode_prompts,
+    enhance_grids,
+    enhancement_record,
+    grid_generator,
+    tile_starts,
+    upsample,
+    wavelet_colour_fix,
+    ycbcr_colour_fix,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gridistill.models import (
@@ -27,18 +39,6 @@ from gridistill.models import (
     check_clip_tokenizer,
     load_invsr_noise_predictor,
     load_sd_turbo,
-)
-from tasks.enhance import (
-    ENHANCE_BACKENDS,
-    class_prompts,
-    encode_prompts,
-    enhance_grids,
-    enhancement_record,
-    grid_generator,
-    tile_starts,
-    upsample,
-    wavelet_colour_fix,
-    ycbcr_colour_fix,
 )
 
 # SD-Turbo's scheduler_config.json (EulerDiscrete, trailing spacing, epsilon prediction).
@@ -202,7 +202,7 @@ def test_tile_starts_cover_and_overlap(size, tile, overlap, align):
 def test_stitching_is_exact_for_a_pointwise_step(tiny, monkeypatch):
     """With the SD step replaced by a pointwise map of (image, latent noise), any tiling must
     reproduce the untiled result exactly: checks crops, noise slices and blend weights."""
-    import tasks.enhance as enhance
+    import gridistill.tasks.enhance as enhance
 
     def pointwise_step(upsampled, prompt_embeds, components, *, noise_eps, **_):
         noise = F.interpolate(noise_eps[:, :3], scale_factor=8, mode="nearest")

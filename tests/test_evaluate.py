@@ -7,11 +7,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from torchvision.transforms import v2
-
-from tasks.augment import GridAwareCrop, Lighting
-from tasks.evaluate import (
+from gridistill.tasks.augment import GridAwareCrop, Lighting
+from gridistill.tasks.evaluate import (
     PROTOCOLS,
     STUDENTS,
     ClassOrderMismatchError,
@@ -32,6 +29,8 @@ from tasks.evaluate import (
     train_and_evaluate_seeds,
     train_teacher,
 )
+from torch import nn
+from torchvision.transforms import v2
 
 COLOURS = torch.tensor([[220, 40, 40], [40, 200, 40], [40, 40, 220], [210, 210, 40]])
 
@@ -316,8 +315,8 @@ def test_harness_overhead_reports_both_speeds():
                           ("cpu-soft", 128, 4)])
 def test_working_resolution_keeps_every_crop_at_least_crop_size(protocol: str, crop_size: int,
                                                                 grid_size: int | None) -> None:
-    from tasks.augment import sample_crop_box
-    from tasks.evaluate import get_protocol, working_resolution
+    from gridistill.tasks.augment import sample_crop_box
+    from gridistill.tasks.evaluate import get_protocol, working_resolution
 
     preset = get_protocol(protocol)
     side = working_resolution(preset, crop_size, grid_size)

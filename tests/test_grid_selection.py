@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from tasks.grid_layout import partition_into_grids, select_grids
-from tasks.selectors import select
+from gridistill.tasks.grid_layout import partition_into_grids, select_grids
+from gridistill.tasks.selectors import select
 
 
 @pytest.fixture

@@ -3,15 +3,14 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
-from tasks.ingest import (
+from gridistill.tasks.ingest import (
     decode_image,
     holdout_mask,
     list_samples,
     read_class_list,
     resolve_classes,
 )
+from PIL import Image
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -93,11 +92,11 @@ def test_decode_handles_modes_and_reports_bad_files():
 
 
 def test_load_stage_reads_headers_and_never_decodes_pixels(tiny_dataset, tmp_path, monkeypatch):
+    from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
     from PIL import ImageFile
 
     from gridistill.stages import StoreSpec
     from gridistill.storage import RunStore
-    from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
 
     def no_decode(self, *args, **kwargs):
         raise AssertionError("the load stage decoded pixels")
@@ -113,7 +112,7 @@ def test_load_stage_reads_headers_and_never_decodes_pixels(tiny_dataset, tmp_pat
 
 
 def test_probe_reads_the_header_only():
-    from tasks.ingest import probe_image
+    from gridistill.tasks.ingest import probe_image
 
     noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     jpeg = _encode(Image.fromarray(noise), "JPEG")  # noise: most of the bytes are the scan

@@ -129,7 +129,7 @@ def deployed(stack: Stack, s3_endpoint) -> dict[str, str]:
 
     bucket = f"s3://orchestration-{os.getpid()}"
     s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(bucket)
-    stack.run("python", "-m", "deployments.setup", "--gpu-slots", "1")
+    stack.run("python", "-m", "gridistill.deployments.setup", "--gpu-slots", "1")
     for pool in ("cpu", "gpu"):
         worker_home = stack.logs / f"worker-{pool}"
         stack.start(f"worker-{pool}", "prefect", "worker", "start", "--pool", pool,

@@ -8,10 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from gridistill.tasks import grid_layout, selectors
+from gridistill.tasks import ssdim as solvers
 from tolerances import dot_gap
-
-from tasks import grid_layout, selectors
-from tasks import ssdim as solvers
 
 WEIGHTS = {"alpha": 1.0, "beta": 0.6, "gamma": 0.3}
 

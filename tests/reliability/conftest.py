@@ -100,10 +100,10 @@ def run_pipeline(root: str, data: str, test_data: str | None = None, *, grid_siz
                  ipc: int = 1, force: bool = False, holdout_share: float = 0.2,
                  storage_options: dict[str, Any] | None = None) -> dict[str, list[ArtifactRef]]:
     """index -> load -> embed -> select -> grids, each stage's body called directly."""
-    from tasks.embed import EmbedParams, embed_class
-    from tasks.grids import GridParams, assemble_class_grids
-    from tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
-    from tasks.select import SelectParams, select_class
+    from gridistill.tasks.embed import EmbedParams, embed_class
+    from gridistill.tasks.grids import GridParams, assemble_class_grids
+    from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+    from gridistill.tasks.select import SelectParams, select_class
 
     store = StoreSpec(root=root, storage_options=storage_options or {})
     dataset = index_dataset.fn(store, IndexParams(data=data, test_data=test_data,

@@ -15,7 +15,8 @@ import signal
 import sys
 import traceback
 
-from flows.distill import distill
+from gridistill.flows.distill import distill
+
 from gridistill.config import DistillConfig
 
 

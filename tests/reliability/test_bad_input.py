@@ -11,11 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
-from gridistill.stages import ArtifactRef, StoreSpec
-from gridistill.storage import RunStore, StorageError
-from tasks.ingest import (
+from gridistill.tasks.ingest import (
     IndexParams,
     LoadParams,
     decode_image,
@@ -23,7 +19,11 @@ from tasks.ingest import (
     load_class,
     scan_samples,
 )
-from tasks.select import SelectParams, select_class
+from gridistill.tasks.select import SelectParams, select_class
+from PIL import Image
+
+from gridistill.stages import ArtifactRef, StoreSpec
+from gridistill.storage import RunStore, StorageError
 
 from .conftest import (
     flow_config,

@@ -69,12 +69,13 @@ def test_no_unsafe_load_in_the_source_tree():
 
 def prefect_objects() -> dict[str, Task | Flow]:
     """Every task and flow the package defines, by qualified name (each module imported)."""
-    import flows
+    import gridistill.flows
+    import gridistill.tasks
+
     import gridistill
-    import tasks
 
     found = {}
-    for package in (gridistill, tasks, flows):
+    for package in (gridistill, gridistill.tasks, gridistill.flows):
         for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
             module = importlib.import_module(info.name)
             found |= {f"{info.name}.{name}": value for name, value in vars(module).items()
@@ -96,6 +97,7 @@ def test_no_task_or_flow_persists_a_result():
 @pytest.mark.slow
 def test_a_run_writes_no_prefect_result_even_when_prefect_persists_by_default(
         prefect_harness, tiny_dataset, tmp_path):
+    from gridistill.flows.distill import distill
     from prefect import flow, task
     from prefect.settings import (
         PREFECT_LOCAL_STORAGE_PATH,
@@ -103,7 +105,6 @@ def test_a_run_writes_no_prefect_result_even_when_prefect_persists_by_default(
         temporary_settings,
     )
 
-    from flows.distill import distill
     from gridistill.config import DistillConfig
 
     @task
