@@ -41,8 +41,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from gridistill.tasks.evaluate import get_protocol, harness_overhead, train_and_evaluate
 from PIL import Image
+
+from gridistill.tasks.evaluate import get_protocol, harness_overhead, train_and_evaluate
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
 REAL_METHOD = "random-real"
@@ -180,9 +181,8 @@ def embed_pool(
     Kept in ``benchmarks/cache/`` under a key of the embedder, its weights and the file list,
     so that the one slow step on a CPU (EfficientNet-Lite0 at 224 px) runs once.
     """
-    from gridistill.tasks.embed import choose_embedder
-
     from gridistill.storage import content_key
+    from gridistill.tasks.embed import choose_embedder
 
     choice = choose_embedder(embedder, clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b79k")
     if choice.fallback_reason:
@@ -282,6 +282,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(config: BenchmarkConfig, speed_only: bool = False) -> list[dict[str, Any]]:
     import pandas as pd
+
     from gridistill.tasks.evaluate import imagenet_teacher
 
     if config.threads:

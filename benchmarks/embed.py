@@ -44,6 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
 from gridistill.tasks.embed import (  # noqa: E402
     ImageFiles,
     Transform,
@@ -53,7 +55,6 @@ from gridistill.tasks.embed import (  # noqa: E402
     to_device,
     worker_context,
 )
-from torch.utils.data import DataLoader  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/imagenette/public/train"
 TINY_NAME = "gridistill-tiny-vit"

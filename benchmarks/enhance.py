@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
-from gridistill.tasks.enhance import enhance_grids  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from gridistill.models import (  # noqa: E402
@@ -36,6 +35,7 @@ from gridistill.models import (  # noqa: E402
     build_clip_tokenizer,
     load_sd_turbo,
 )
+from gridistill.tasks.enhance import enhance_grids  # noqa: E402
 
 # SD-Turbo's scheduler_config.json.
 SD_TURBO_SCHEDULER = dict(

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from gridistill.tasks.refine import dit_image_size, diver_refine
 
 from gridistill.models import DiTBundle, load_dit
 from gridistill.refine_options import DiverOptions
+from gridistill.tasks.refine import dit_image_size, diver_refine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -35,9 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from gridistill.tasks import selectors
 from gridistill.tasks import ssdim as solvers
-from PIL import Image
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/imagenette/public/train"
 # Synthetic inputs: pool size M -> (dimension d, subset size k, seed).

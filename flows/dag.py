@@ -226,9 +226,8 @@ def _test_split(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
 
 def teacher_params(config: DistillConfig, device: str) -> TeacherParams | None:
     """The teacher stage's parameters for a run (None: its protocol uses hard labels)."""
-    from gridistill.tasks.evaluate import TeacherParams, get_protocol
-
     from gridistill.models import IMAGENET_CLASSIFIERS
+    from gridistill.tasks.evaluate import TeacherParams, get_protocol
 
     protocol = get_protocol(config.eval_protocol)
     if protocol.labels != "teacher":

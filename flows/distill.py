@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect import flow
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from gridistill.config import DistillConfig
 from gridistill.flows.dag import (
     Setup,
     build_dag,
@@ -17,11 +22,6 @@ from gridistill.flows.dag import (
     report_run,
     submit,
 )
-from prefect import flow
-from prefect.logging import get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from gridistill.config import DistillConfig
 from gridistill.stages import StoreSpec
 
 

@@ -31,19 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gridistill.flows.dag import (
-    Dag,
-    Node,
-    Pool,
-    Refs,
-    Setup,
-    build_dag,
-    class_names,
-    collect,
-    index_and_check,
-    report_run,
-    submit,
-)
 from prefect import flow, task, unmapped
 from prefect.artifacts import (
     create_link_artifact,
@@ -61,6 +48,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from gridistill.config import CREDENTIAL_NAME, DistillConfig
+from gridistill.flows.dag import (
+    Dag,
+    Node,
+    Pool,
+    Refs,
+    Setup,
+    build_dag,
+    class_names,
+    collect,
+    index_and_check,
+    report_run,
+    submit,
+)
 from gridistill.runners import build_task_runner
 from gridistill.stages import ArtifactRef, StoreSpec
 

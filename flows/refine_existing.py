@@ -15,15 +15,15 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from gridistill.flows.pooled import redact, segment_device
-from gridistill.tasks.refine_existing import refine_set
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 from pydantic import Field
 
+from gridistill.flows.pooled import redact, segment_device
 from gridistill.refine_options import RefineJob
+from gridistill.tasks.refine_existing import refine_set
 
 
 class RefineRequest(RefineJob):

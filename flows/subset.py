@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from gridistill.flows.pooled import PoolOptions, distill_pooled
 from prefect import flow
 
 from gridistill.config import DistillConfig
+from gridistill.flows.pooled import PoolOptions, distill_pooled
 
 # fast.ai's releases, unpacked under ``datasets_root``: <folder>/train and <folder>/val,
 # class folders named by WNID (so DIVER can map them to ImageNet-1K labels).

@@ -28,7 +28,6 @@ from typing import Annotated, Any, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-from gridistill.tasks.ingest import no_usable_images, read_image, record_skipped
 from PIL import Image
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
@@ -45,6 +44,7 @@ from gridistill.models import (
 from gridistill.resources import BatchLimit, run_in_batches
 from gridistill.stages import ArtifactRef, NotInKey, stage_task
 from gridistill.storage import RunStore
+from gridistill.tasks.ingest import no_usable_images, read_image, record_skipped
 
 EMBEDDERS = ("auto", "clip", "efficientnet-lite0", "pixels-pca")
 PACKAGED_EMBEDDER = "efficientnet-lite0"  # what "auto" takes when CLIP's weights are missing

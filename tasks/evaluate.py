@@ -31,10 +31,11 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from gridistill.tasks.augment import GridAwareCrop, Lighting, cutmix_batch
 from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
+
+from gridistill.tasks.augment import GridAwareCrop, Lighting, cutmix_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

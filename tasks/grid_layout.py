@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+
 from gridistill.tasks.selectors import SELECTION_METHODS, SELECTORS, Selector
 from gridistill.tasks.ssdim import IncrementalCholesky, normalise_embeddings
 
@@ -130,7 +131,7 @@ def select_grids(
 
     - ``"sequential"`` (the camera-ready paper): grid ``g`` is the selection of ``cells``
       images from those no earlier grid took (seed ``seed + g``), one grid after another, so
-      each grid's objective (coverage, log-det) is over ``cells`` images and the pool that is
+      each grid's objective (coverage, log-det) is over ``cells`` images and the class images
       left;
     - ``"joint"``: one selection of ``ipc * cells`` images, dealt into grids by
       :func:`partition_into_grids`.

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from gridistill.tasks.ingest import read_image
 from PIL import Image
 from pydantic import BaseModel
 
 from gridistill.stages import ArtifactRef, stage_task
 from gridistill.storage import RunStore
+from gridistill.tasks.ingest import read_image
 
 
 def center_crop_square(image: Image.Image) -> Image.Image:

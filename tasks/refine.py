@@ -226,18 +226,18 @@ def diver_refine(images: torch.Tensor, imagenet_labels: torch.Tensor, components
 # -- Prefect task (wiring owned by the flow; algorithms stay above this line) ----------------
 from typing import Annotated, Any  # noqa: E402
 
-from gridistill.tasks.grids import (  # noqa: E402
-    pil_to_tensor,
-    read_grid_images,
-    tensor_to_pil,
-    write_grid_images,
-)
 from pydantic import BaseModel  # noqa: E402
 
 from gridistill.distilled_sets import imagenet_wnids  # noqa: E402
 from gridistill.models import cached_model, load_dit  # noqa: E402
 from gridistill.stages import ArtifactRef, NotInKey, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
+from gridistill.tasks.grids import (  # noqa: E402
+    pil_to_tensor,
+    read_grid_images,
+    tensor_to_pil,
+    write_grid_images,
+)
 
 
 class RefineParams(BaseModel):

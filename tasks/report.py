@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-from gridistill.tasks.grids import read_grid_images, write_png
 from PIL import Image
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gridistill.stages import ArtifactRef, StoreSpec
 from gridistill.storage import RunStore
+from gridistill.tasks.grids import read_grid_images, write_png
 
 # At ImageNet scale a sheet of every class would be 800 x 32,000 px: show the first 100.
 CONTACT_SHEET_CLASSES = 100

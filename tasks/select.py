@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-from gridistill.tasks.grid_layout import select_grids
 from pydantic import BaseModel
 from threadpoolctl import threadpool_limits
 
 from gridistill.stages import ArtifactRef, stage_task
 from gridistill.storage import RunStore
+from gridistill.tasks.grid_layout import select_grids
 
 # The field's random baseline (DD-Ranking's "rdm", the peers' "random"): IPC random photos per
 # class, each stored and trained on as a photo (a 1 x 1 grid), not packed into a grid.

@@ -14,7 +14,7 @@ The algorithms are plain numpy/scipy; torch is imported only when ``ssdim(..., d
 asks for it (below). SSDIM solvers are chosen by name with ``ssdim(..., solver=...)``; the
 baselines and the by-name registry of every method are in :mod:`gridistill.tasks.selectors`.
 
-Large pools (``coverage="knn"``, the default from M = 20000): no ``M x M`` array is formed.
+Large classes (``coverage="knn"``, the default from M = 20000): no ``M x M`` array is formed.
 The spectrum is the exact truncated SVD of ``E`` (top-``r`` eigenvectors of the ``d x d`` Gram
 ``E^T E``, ``_spectrum``); the greedy's coverage gains are restricted to the exact
 ``n``-nearest-neighbour graph (``_NeighbourCoverage``; ``n = 48`` by default), its log-det gains
@@ -156,7 +156,7 @@ class _Kernel:
     """Rows of ``K = E E^T`` (``K`` is symmetric, so rows are columns), as float32.
 
     Either one dense float32 ``M x M`` matrix (the only ``M x M`` array SSDIM allocates), or
-    computed on demand from ``E`` (``dense=False``), for pools too large for a dense kernel: then
+    computed on demand from ``E`` (``dense=False``), for classes too large for a dense kernel: then
     memory is ``O(M d)`` plus ``O(M)`` per requested row, and every value is the same kernel
     entry, so the objective is unchanged.
 
@@ -658,15 +658,16 @@ def _top_two(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 def _swap_passes(
     objective: _Objective,
     selection: np.ndarray,
-    pool: np.ndarray,
+    swap_in: np.ndarray,
     min_gain: float,
     max_passes: int = 50,
     recheck: int = 16,
 ) -> np.ndarray:
-    """1-swap local search of ``selection`` against ``pool``, pass after pass while F improves.
+    """1-swap local search of ``selection``, trying the images of ``swap_in`` in its places,
+    pass after pass while F improves.
 
-    A pass scores every (pool image, position) pair exactly (``_SwapState.deltas``), then walks
-    the improving pool images from the most promising down, ``recheck`` at a time, re-scoring
+    A pass scores every (candidate, position) pair exactly (``_SwapState.deltas``), then walks
+    the improving candidates from the most promising down, ``recheck`` at a time, re-scoring
     them against the current selection (earlier swaps in the pass change the gains) and
     applying the best swap among them. Only
     swaps that raise ``F`` by more than ``min_gain`` are applied, so rounding cannot cycle and the
@@ -678,7 +679,7 @@ def _swap_passes(
     for pass_number in range(max_passes):
         if pass_number:
             state.recompute()  # drop the rounding the in-place swaps accumulated
-        candidates = pool[~np.isin(pool, state.selection)]
+        candidates = swap_in[~np.isin(swap_in, state.selection)]
         if candidates.size == 0:
             break
         best_delta = np.concatenate(
@@ -791,10 +792,8 @@ def _three_stage(
     Why start the refinement from greedy rather than from a rounding of ``x``: swaps never lower
     ``F``, so ``F(result) >= F(plain greedy)`` holds by construction, which a rounding of the
     relaxation cannot promise; the relaxation's job is to point the swaps at the images worth
-    trying, so they search ``1.5 k`` images instead of all ``M``. On the benchmark inputs
-    (k=160; M=963, 1300, 5000) this pool finds 74-76% of the gain that swaps against all ``M``
-    images find, in a fifth (M ~ 1000) to a thirteenth (M=5000) of the time; that gain is
-    itself 0.1-0.7% of F.
+    trying, so they search ``1.5 k`` images instead of all ``M`` (most of the gain of swaps
+    against all ``M``, in a fraction of the time: ``benchmarks/selection.py``).
 
     With ``coverage`` (the kNN surrogate) the greedy of step 3 is plain greedy on the surrogate
     (all its gains are current, ``O(M k)`` a step); the swap passes still score the exact
@@ -810,14 +809,14 @@ def _three_stage(
     else:
         greedy_order, gain_bound = _plain_greedy(objective, k, coverage)
     near_misses = max(1, min(k // 2, kernel.size - k))
-    pool = np.union1d(
+    swap_in = np.union1d(
         np.argpartition(-fractional, k - 1)[:k],
         np.argpartition(-gain_bound, near_misses - 1)[:near_misses],
     )
     # F is at most alpha*M + gamma*k (+ a tiny log-det): 1e-6 of that is far above the rounding
     # of float32 kernel entries summed over M rows, and far below any swap worth making.
     min_gain = 1e-6 * (abs(alpha) * kernel.size + abs(gamma) * k + abs(beta) * k + 1.0)
-    return _swap_passes(objective, greedy_order, pool, min_gain)
+    return _swap_passes(objective, greedy_order, swap_in, min_gain)
 
 
 def ssdim(

@@ -6,6 +6,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
 from gridistill.tasks.augment import (
     GridAwareCrop,
     Lighting,
@@ -15,10 +20,6 @@ from gridistill.tasks.augment import (
     sample_crop_box,
     sample_random_resized_box,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 grid_shapes = st.integers(1, 8).flatmap(
     lambda L: st.tuples(st.just(L), st.integers(L, 300), st.integers(L, 300))

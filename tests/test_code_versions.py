@@ -11,6 +11,9 @@ import tokenize
 from pathlib import Path
 
 import pytest
+
+from gridistill.stages import CodeIndex, code_definitions, code_version
+from gridistill.storage import RunStore
 from gridistill.tasks.embed import embed_class
 from gridistill.tasks.enhance import enhance_class
 from gridistill.tasks.evaluate import decode_test_split, evaluate_grids, train_teacher_on_pool
@@ -18,9 +21,6 @@ from gridistill.tasks.grids import assemble_class_grids
 from gridistill.tasks.ingest import load_class
 from gridistill.tasks.refine import refine_class
 from gridistill.tasks.select import select_class
-
-from gridistill.stages import CodeIndex, code_definitions, code_version
-from gridistill.storage import RunStore
 
 STAGES = {task.name: task.fn.compute for task in (
     load_class, decode_test_split, embed_class, select_class, assemble_class_grids,
@@ -146,6 +146,7 @@ def test_the_stage_machinery_and_its_decorator_arguments_are_not_stage_code():
 
 
 def test_how_a_stage_runs_is_marked_out_of_its_key_on_the_field():
+    from gridistill.stages import NotInKey
     from gridistill.tasks.embed import EmbedParams
     from gridistill.tasks.enhance import EnhanceParams
     from gridistill.tasks.evaluate import EvalParams, TeacherParams
@@ -153,8 +154,6 @@ def test_how_a_stage_runs_is_marked_out_of_its_key_on_the_field():
     from gridistill.tasks.ingest import LoadParams
     from gridistill.tasks.refine import RefineParams
     from gridistill.tasks.select import SelectParams
-
-    from gridistill.stages import NotInKey
 
     def not_in_key(model) -> set[str]:
         return {name for name, field in model.model_fields.items() if NotInKey in field.metadata}
@@ -192,9 +191,10 @@ def edited_code(monkeypatch):
 @pytest.mark.slow
 def test_a_rerun_after_comment_edits_is_cached_and_a_crop_change_recomputes_the_evaluations(
         prefect_harness, tiny_dataset, tmp_path, edited_code):
+    from test_flow import statuses, tiny_config
+
     from gridistill.flows.dag import build_dag
     from gridistill.flows.distill import distill
-    from test_flow import statuses, tiny_config
 
     config = tiny_config(tiny_dataset, str(tmp_path / "run"))
     # The stages of the run's own DAG, as statuses() names them (label up to the method).

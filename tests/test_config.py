@@ -19,14 +19,13 @@ def names(literal: Any) -> tuple[str, ...]:
 
 
 def test_each_closed_set_equals_the_table_it_mirrors():
+    from gridistill.models import IMAGENET_CLASSIFIERS
     from gridistill.tasks.embed import EMBEDDERS
     from gridistill.tasks.enhance import ENHANCE_BACKENDS
     from gridistill.tasks.evaluate import PROTOCOLS, STUDENTS
     from gridistill.tasks.grid_layout import GRID_SELECTIONS
     from gridistill.tasks.select import REAL_IMAGES
     from gridistill.tasks.selectors import SELECTION_METHODS
-
-    from gridistill.models import IMAGENET_CLASSIFIERS
 
     assert names(choices.Selector) == SELECTION_METHODS
     assert names(choices.SelectionMethod) == (*SELECTION_METHODS, REAL_IMAGES)
@@ -82,10 +81,11 @@ def test_a_wrong_choice_is_refused_naming_the_allowed_values(field, value):
 
 def test_the_deployed_flows_refuse_a_wrong_choice_when_validating_their_parameters():
     """What a deployment run does first, before any task: Flow.validate_parameters."""
+    from prefect.exceptions import ParameterTypeError
+
     from gridistill.flows.pooled import distill_pooled
     from gridistill.flows.refine_existing import refine_existing
     from gridistill.flows.subset import subset_distill
-    from prefect.exceptions import ParameterTypeError
 
     calls = [(distill_pooled, {"config": {"methods": ["ssdim", "ssdm"]}}),
              (subset_distill, {"config": {"eval_protocol": "cpu_small"}}),

@@ -64,9 +64,10 @@ def test_every_deployment_parameter_set_matches_its_flow_schema(deployments):
 
 
 def test_ui_form_is_typed_for_reruns_and_presets(deployments):
+    from prefect.utilities.callables import parameter_schema
+
     from gridistill.flows.pooled import distill_pooled
     from gridistill.flows.subset import subset_distill
-    from prefect.utilities.callables import parameter_schema
 
     config = parameter_schema(distill_pooled).model_dump_for_openapi()["definitions"][
         "DistillConfig"]["properties"]
@@ -79,9 +80,8 @@ def test_ui_form_is_typed_for_reruns_and_presets(deployments):
 
 
 def test_subset_preset_sets_data_and_run_root_only():
-    from gridistill.flows.subset import subset_config
-
     from gridistill.config import DistillConfig
+    from gridistill.flows.subset import subset_config
 
     config = subset_config("imagewoof", "s3://data/", "s3://runs",
                            DistillConfig(ipc=10, methods=["ssdim"], data="/elsewhere"))
@@ -189,10 +189,9 @@ def test_optional_extras_are_pinned():
 
 # -- orchestration helpers -------------------------------------------------------------------
 def test_plan_shares_a_run_between_same_pool_segments_only_when_unchunked():
+    from gridistill.config import DistillConfig
     from gridistill.flows.dag import build_dag
     from gridistill.flows.pooled import plan_runs
-
-    from gridistill.config import DistillConfig
 
     dag = build_dag(DistillConfig(methods=["ssdim", "random"], enhance=["bilinear"]))
     whole = plan_runs(dag, ["a", "b", "c"], None)
@@ -228,6 +227,7 @@ def test_the_weekly_deployment_hands_each_per_class_task_only_its_class(deployme
     import gridistill.tasks.embed
     import gridistill.tasks.enhance
     import gridistill.tasks.refine
+    from gridistill.config import DistillConfig
     from gridistill.flows import dag as dag_module
     from gridistill.flows.dag import DATASET, build_dag
     from gridistill.flows.pooled import (
@@ -237,8 +237,6 @@ def test_the_weekly_deployment_hands_each_per_class_task_only_its_class(deployme
         plan_runs,
         segment_requests,
     )
-
-    from gridistill.config import DistillConfig
     from gridistill.stages import ArtifactRef
 
     weekly = deployments["imagenet1k-weekly"]["parameters"]
@@ -289,6 +287,7 @@ def test_the_weekly_deployment_hands_each_per_class_task_only_its_class(deployme
 
 def test_gpu_segments_refuse_a_worker_without_cuda_unless_asked_for_cpu(monkeypatch):
     import torch
+
     from gridistill.flows.pooled import GPUUnavailableError, segment_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -398,10 +397,11 @@ def test_refine_existing_moves_a_set_from_s3_to_s3(prefect_harness, s3_bucket, t
                                                    monkeypatch):
     import s3fs
     import torch
-    from gridistill.flows.pooled import GPUUnavailableError
-    from gridistill.flows.refine_existing import RefineRequest, refine_existing
     from PIL import Image
     from test_refine import tiny_dit_parts  # the same tiny DiT the refine tests use
+
+    from gridistill.flows.pooled import GPUUnavailableError
+    from gridistill.flows.refine_existing import RefineRequest, refine_existing
 
     bucket, options = s3_bucket
     for part, saved in zip(("transformer", "vae", "scheduler"), tiny_dit_parts(), strict=True):
@@ -427,10 +427,9 @@ def test_refine_existing_moves_a_set_from_s3_to_s3(prefect_harness, s3_bucket, t
 
 
 def test_credentials_block_is_loaded_into_the_environment(prefect_harness, monkeypatch):
+    from gridistill.config import DistillConfig
     from gridistill.deployments.setup import save_aws_credentials_block
     from gridistill.flows.pooled import use_credentials_block
-
-    from gridistill.config import DistillConfig
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-env")

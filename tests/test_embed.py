@@ -6,6 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
+
+from gridistill.models import MissingWeightsError, cached_model, load_clip
+from gridistill.stages import StoreSpec
+from gridistill.storage import RunStore
 from gridistill.tasks.embed import (
     Embedded,
     EmbedParams,
@@ -17,11 +22,6 @@ from gridistill.tasks.embed import (
     pixel_thumbnail,
 )
 from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
-from PIL import Image
-
-from gridistill.models import MissingWeightsError, cached_model, load_clip
-from gridistill.stages import StoreSpec
-from gridistill.storage import RunStore
 from tests.conftest import make_image
 
 TINY_CLIP = {

@@ -16,18 +16,6 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     UNet2DConditionModel,
 )
-from gridistill.tasks.enhance import (
-    ENHANCE_BACKENDS,
-    class_prompts,
-    encode_prompts,
-    enhance_grids,
-    enhancement_record,
-    grid_generator,
-    tile_starts,
-    upsample,
-    wavelet_colour_fix,
-    ycbcr_colour_fix,
-)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gridistill.models import (
@@ -39,6 +27,18 @@ from gridistill.models import (
     check_clip_tokenizer,
     load_invsr_noise_predictor,
     load_sd_turbo,
+)
+from gridistill.tasks.enhance import (
+    ENHANCE_BACKENDS,
+    class_prompts,
+    encode_prompts,
+    enhance_grids,
+    enhancement_record,
+    grid_generator,
+    tile_starts,
+    upsample,
+    wavelet_colour_fix,
+    ycbcr_colour_fix,
 )
 
 # SD-Turbo's scheduler_config.json (EulerDiscrete, trailing spacing, epsilon prediction).

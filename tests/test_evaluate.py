@@ -7,6 +7,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
+from torchvision.transforms import v2
+
 from gridistill.tasks.augment import GridAwareCrop, Lighting
 from gridistill.tasks.evaluate import (
     PROTOCOLS,
@@ -29,8 +32,6 @@ from gridistill.tasks.evaluate import (
     train_and_evaluate_seeds,
     train_teacher,
 )
-from torch import nn
-from torchvision.transforms import v2
 
 COLOURS = torch.tensor([[220, 40, 40], [40, 200, 40], [40, 40, 220], [210, 210, 40]])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
-from gridistill.flows.distill import distill
 from PIL import Image
 
 from gridistill.config import DistillConfig
+from gridistill.flows.distill import distill
 from gridistill.storage import RunStore
 
 pytestmark = pytest.mark.slow
@@ -185,10 +185,11 @@ def test_both_executors_run_the_same_dag_and_hand_each_class_only_its_row(
     ref holds only its class's row."""
     from types import SimpleNamespace
 
-    from gridistill.deployments.setup import ensure_gpu_limit
-    from gridistill.flows import dag, pooled
     from prefect.states import Completed
     from reliability.conftest import committed_files
+
+    from gridistill.deployments.setup import ensure_gpu_limit
+    from gridistill.flows import dag, pooled
 
     def run_here(deployment, parameters, flow_run_name, poll_interval):
         pooled.run_segment(pooled.SegmentRequest.model_validate(parameters["request"]))

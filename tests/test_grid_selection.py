@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from gridistill.tasks.grid_layout import partition_into_grids, select_grids
 from gridistill.tasks.selectors import select
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
-from gridistill.tasks.grids import assemble_grid, center_crop_square, pil_to_tensor, tensor_to_pil
 from PIL import Image
+
+from gridistill.tasks.grids import assemble_grid, center_crop_square, pil_to_tensor, tensor_to_pil
 
 
 def test_cells_are_row_major_centre_crops():
@@ -37,13 +38,12 @@ def test_tensor_round_trip():
 def test_a_file_changed_after_embedding_stops_grids_naming_it(tiny_dataset, tmp_path):
     """load hashes every file; a selected file whose bytes changed since then is refused by
     grids (not tiled from pixels its embedding never saw, nor failing on a None image)."""
+    from gridistill.stages import StoreSpec
+    from gridistill.storage import RunStore
     from gridistill.tasks.embed import EmbedParams, embed_class
     from gridistill.tasks.grids import ChangedFileError, GridParams, assemble_class_grids
     from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
     from gridistill.tasks.select import SelectParams, select_class
-
-    from gridistill.stages import StoreSpec
-    from gridistill.storage import RunStore
     from tests.conftest import make_image
 
     store = StoreSpec(root=str(tmp_path / "run"))

@@ -5,13 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gridistill.tasks.embed import classifier_transform
-from gridistill.tasks.evaluate import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    check_imagenet_classes,
-    imagenet_teacher,
-)
 from PIL import Image
 
 from gridistill.config import demo_data_root
@@ -23,6 +16,13 @@ from gridistill.models import (
     lukemelas_to_timm,
     packaged_weight_file,
     read_state_dict,
+)
+from gridistill.tasks.embed import classifier_transform
+from gridistill.tasks.evaluate import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_imagenet_classes,
+    imagenet_teacher,
 )
 
 

@@ -3,6 +3,8 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+
 from gridistill.tasks.ingest import (
     decode_image,
     holdout_mask,
@@ -10,7 +12,6 @@ from gridistill.tasks.ingest import (
     read_class_list,
     resolve_classes,
 )
-from PIL import Image
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -92,11 +93,11 @@ def test_decode_handles_modes_and_reports_bad_files():
 
 
 def test_load_stage_reads_headers_and_never_decodes_pixels(tiny_dataset, tmp_path, monkeypatch):
-    from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
     from PIL import ImageFile
 
     from gridistill.stages import StoreSpec
     from gridistill.storage import RunStore
+    from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
 
     def no_decode(self, *args, **kwargs):
         raise AssertionError("the load stage decoded pixels")

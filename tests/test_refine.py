@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import gridistill.tasks.refine as refine
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+import gridistill.tasks.refine as refine
 from gridistill.cli_refine import add_refine_parser, run_refine
 from gridistill.models import DiTBundle, MissingWeightsError, load_dit
 from gridistill.refine_options import DiverOptions
@@ -301,12 +301,11 @@ def test_run_options_reach_the_refine_stage(tmp_path, monkeypatch: pytest.Monkey
     """``gridistill run --refine --t-r 50 --gamma 0.02``: through the flows' own binding
     (``gridistill.flows.dag.Setup``) the stage calls DIVER with exactly the options the command
     line gave (the DiT loader and DIVER itself are replaced by recorders)."""
-    from gridistill.flows.dag import Setup
-    from gridistill.tasks.grids import write_grid_images
-
     from gridistill.cli import build_parser, config_from_args
+    from gridistill.flows.dag import Setup
     from gridistill.stages import ArtifactRef, StoreSpec
     from gridistill.storage import RunStore
+    from gridistill.tasks.grids import write_grid_images
 
     config = config_from_args(build_parser().parse_args(
         ["run", "--refine", "--t-r", "50", "--gamma", "0.02", "--out", str(tmp_path / "run")]))

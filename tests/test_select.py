@@ -8,9 +8,10 @@ import math
 
 import numpy as np
 import pytest
+from tolerances import dot_gap
+
 from gridistill.tasks import grid_layout, selectors
 from gridistill.tasks import ssdim as solvers
-from tolerances import dot_gap
 
 WEIGHTS = {"alpha": 1.0, "beta": 0.6, "gamma": 0.3}
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from gridistill.tasks import ssdim as solvers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from gridistill.tasks import ssdim as solvers
 
 EPS = 1e-3
 

@@ -15,9 +15,8 @@ import signal
 import sys
 import traceback
 
-from gridistill.flows.distill import distill
-
 from gridistill.config import DistillConfig
+from gridistill.flows.distill import distill
 
 
 def run(request: dict) -> int:

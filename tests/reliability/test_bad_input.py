@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+
+from gridistill.stages import ArtifactRef, StoreSpec
+from gridistill.storage import RunStore, StorageError
 from gridistill.tasks.ingest import (
     IndexParams,
     LoadParams,
@@ -20,10 +24,6 @@ from gridistill.tasks.ingest import (
     scan_samples,
 )
 from gridistill.tasks.select import SelectParams, select_class
-from PIL import Image
-
-from gridistill.stages import ArtifactRef, StoreSpec
-from gridistill.storage import RunStore, StorageError
 
 from .conftest import (
     flow_config,

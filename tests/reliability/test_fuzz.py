@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gridistill.stages import StoreSpec, stage_folder
+from gridistill.storage import RunStore
 from gridistill.tasks.ingest import (
     IMAGE_EXTENSIONS,
     IndexParams,
@@ -24,11 +29,6 @@ from gridistill.tasks.ingest import (
     resolve_classes,
     scan_samples,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from gridistill.stages import StoreSpec, stage_folder
-from gridistill.storage import RunStore
 
 from .conftest import encode, hostile_files, noise_image
 

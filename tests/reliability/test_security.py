@@ -69,10 +69,9 @@ def test_no_unsafe_load_in_the_source_tree():
 
 def prefect_objects() -> dict[str, Task | Flow]:
     """Every task and flow the package defines, by qualified name (each module imported)."""
+    import gridistill
     import gridistill.flows
     import gridistill.tasks
-
-    import gridistill
 
     found = {}
     for package in (gridistill, gridistill.tasks, gridistill.flows):
@@ -97,7 +96,6 @@ def test_no_task_or_flow_persists_a_result():
 @pytest.mark.slow
 def test_a_run_writes_no_prefect_result_even_when_prefect_persists_by_default(
         prefect_harness, tiny_dataset, tmp_path):
-    from gridistill.flows.distill import distill
     from prefect import flow, task
     from prefect.settings import (
         PREFECT_LOCAL_STORAGE_PATH,
@@ -106,6 +104,7 @@ def test_a_run_writes_no_prefect_result_even_when_prefect_persists_by_default(
     )
 
     from gridistill.config import DistillConfig
+    from gridistill.flows.distill import distill
 
     @task
     def probe_task() -> int:
