@@ -115,6 +115,26 @@ def test_three_stage_is_never_below_plain_greedy(seed):
     )
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_algorithm1_ends_where_no_single_swap_raises_the_objective(seed):
+    """The paper's Algorithm 1 ends its local refinement only when no swap of a selected image
+    for any other image raises F: checked by trying every swap."""
+    embeddings = clustered(60, 12, clusters=5, seed=seed)
+    chosen = solvers.ssdim(embeddings, 6, solver="algorithm1")
+    assert len(set(chosen.tolist())) == 6
+    value = solvers.ssdim_objective(embeddings, chosen)
+    best_swap = max(
+        solvers.ssdim_objective(embeddings, np.where(chosen == out, into, chosen))
+        for out in chosen for into in np.setdiff1d(np.arange(60), chosen))
+    assert best_swap <= value + 1e-4 * abs(value)
+
+
+def test_algorithm1_asks_for_exact_coverage():
+    with pytest.raises(ValueError, match="exact coverage"):
+        solvers.ssdim(clustered(50, 8, clusters=3, seed=0), 5, solver="algorithm1",
+                      coverage="knn")
+
+
 def test_dense_and_on_demand_kernels_agree():
     # One M x M product against row blocks: entries agree to rounding, not bit for bit, so on
     # another BLAS a near-tie may pick another image of the same objective.
