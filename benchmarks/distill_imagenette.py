@@ -1,7 +1,7 @@
 """ImageNette benchmark on a CPU: real images vs grids, IPC 1 and 10, hard and soft labels.
 
 Distils ``public/train`` of ``../shared/data/imagenette`` with each method, trains a fresh
-student on the distilled set with :func:`gridistill.tasks.evaluate.train_and_evaluate` and
+student on the distilled set with :func:`gridistill.tasks.training.train_and_evaluate` and
 tests it on ``public/test``. Run from the repository root::
 
     python -m benchmarks.distill_imagenette                 # the goal rows (see the .md)
@@ -43,7 +43,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gridistill.tasks.evaluate import get_protocol, harness_overhead, train_and_evaluate
+from gridistill.tasks.harness_speed import harness_overhead
+from gridistill.tasks.protocols import get_protocol
+from gridistill.tasks.training import train_and_evaluate
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
 REAL_METHOD = "random-real"
@@ -283,7 +285,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def run(config: BenchmarkConfig, speed_only: bool = False) -> list[dict[str, Any]]:
     import pandas as pd
 
-    from gridistill.tasks.evaluate import imagenet_teacher
+    from gridistill.tasks.teachers import imagenet_teacher
 
     if config.threads:
         torch.set_num_threads(config.threads)

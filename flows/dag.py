@@ -32,8 +32,8 @@ from gridistill.stages import ArtifactRef, StoreSpec
 if TYPE_CHECKING:
     from gridistill.tasks.embed import EmbedderChoice
     from gridistill.tasks.enhance import EnhanceParams
-    from gridistill.tasks.evaluate import TeacherParams
     from gridistill.tasks.refine import RefineParams
+    from gridistill.tasks.teacher import TeacherParams
 
 Pool = Literal["cpu", "gpu"]
 # The input name of the dataset ref: a per-class node gets a copy holding only its class's row.
@@ -162,7 +162,7 @@ def evaluated_sets(config: DistillConfig) -> dict[str, tuple[str, str]]:
 
 
 def uses_teacher(config: DistillConfig) -> bool:
-    from gridistill.tasks.evaluate import get_protocol
+    from gridistill.tasks.protocols import get_protocol
 
     return get_protocol(config.eval_protocol).labels == "teacher"
 
@@ -216,7 +216,7 @@ def _refine(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
 
 
 def _test_split(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from gridistill.tasks.evaluate import TestSplitParams, decode_test_split, student_test_size
+    from gridistill.tasks.test_split import TestSplitParams, decode_test_split, student_test_size
 
     config = setup.config
     return decode_test_split, TestSplitParams(
@@ -227,7 +227,8 @@ def _test_split(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
 def teacher_params(config: DistillConfig, device: str) -> TeacherParams | None:
     """The teacher stage's parameters for a run (None: its protocol uses hard labels)."""
     from gridistill.models import IMAGENET_CLASSIFIERS
-    from gridistill.tasks.evaluate import TeacherParams, get_protocol
+    from gridistill.tasks.protocols import get_protocol
+    from gridistill.tasks.teacher import TeacherParams
 
     protocol = get_protocol(config.eval_protocol)
     if protocol.labels != "teacher":
@@ -243,7 +244,7 @@ def teacher_params(config: DistillConfig, device: str) -> TeacherParams | None:
 
 
 def _teacher(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from gridistill.tasks.evaluate import train_teacher_on_pool
+    from gridistill.tasks.teacher import train_teacher_on_pool
 
     return train_teacher_on_pool, teacher_params(setup.config, setup.device)
 
@@ -308,8 +309,8 @@ def class_refs(dataset: ArtifactRef, classes: Sequence[str]) -> dict[str, Artifa
 def index_and_check(config: DistillConfig, store: StoreSpec) -> ArtifactRef:
     """List the data (the index task), then refuse classes a later stage cannot serve, before
     any class's data is read."""
-    from gridistill.tasks.evaluate import check_imagenet_classes
     from gridistill.tasks.ingest import IndexParams, index_dataset
+    from gridistill.tasks.teachers import check_imagenet_classes
 
     dataset = index_dataset(store, IndexParams(
         data=config.data, test_data=config.test_data, class_list=config.class_list,
@@ -395,8 +396,8 @@ def report_run(store: StoreSpec, config: DistillConfig, dataset: ArtifactRef, re
                summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the run report from every node's refs; returns the flows' result (report URL,
     one metrics row per evaluated set)."""
-    from gridistill.tasks.evaluate import teacher_summary
     from gridistill.tasks.report import skip_notes, write_report
+    from gridistill.tasks.teacher import teacher_summary
 
     notes = notes + skip_notes([ref for stage in ("load", "embed")
                                 for ref in refs.get(stage, {}).values()])

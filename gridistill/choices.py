@@ -18,9 +18,9 @@ SelectionMethod = Literal[Selector, "random-real"]
 EnhanceBackend = Literal["none", "bilinear", "bicubic", "sd-turbo"]
 # gridistill.tasks.embed.EMBEDDERS
 Embedder = Literal["auto", "clip", "efficientnet-lite0", "pixels-pca"]
-# the keys of gridistill.tasks.evaluate.PROTOCOLS
+# the keys of gridistill.tasks.protocols.PROTOCOLS
 EvalProtocol = Literal["rded", "minimax", "cpu-small", "cpu-soft"]
-# gridistill.tasks.evaluate.STUDENTS
+# gridistill.tasks.students.STUDENTS
 Student = Literal["convnet_d3", "convnet_d4", "convnet_d5", "convnet_d6", "resnet18",
                   "resnet18_lowres", "resnetap10", "mobilenetv2", "efficientnet_b0", "vit_tiny"]
 # gridistill.models.IMAGENET_CLASSIFIERS: packaged ImageNet-1K networks (no training needed).

@@ -16,11 +16,13 @@ from gridistill.stages import CodeIndex, code_definitions, code_version
 from gridistill.storage import RunStore
 from gridistill.tasks.embed import embed_class
 from gridistill.tasks.enhance import enhance_class
-from gridistill.tasks.evaluate import decode_test_split, evaluate_grids, train_teacher_on_pool
+from gridistill.tasks.evaluate import evaluate_grids
 from gridistill.tasks.grids import assemble_class_grids
 from gridistill.tasks.ingest import load_class
 from gridistill.tasks.refine import refine_class
 from gridistill.tasks.select import select_class
+from gridistill.tasks.teacher import train_teacher_on_pool
+from gridistill.tasks.test_split import decode_test_split
 
 STAGES = {task.name: task.fn.compute for task in (
     load_class, decode_test_split, embed_class, select_class, assemble_class_grids,
@@ -149,11 +151,12 @@ def test_how_a_stage_runs_is_marked_out_of_its_key_on_the_field():
     from gridistill.stages import NotInKey
     from gridistill.tasks.embed import EmbedParams
     from gridistill.tasks.enhance import EnhanceParams
-    from gridistill.tasks.evaluate import EvalParams, TeacherParams
+    from gridistill.tasks.evaluate import EvalParams
     from gridistill.tasks.grids import GridParams
     from gridistill.tasks.ingest import LoadParams
     from gridistill.tasks.refine import RefineParams
     from gridistill.tasks.select import SelectParams
+    from gridistill.tasks.teacher import TeacherParams
 
     def not_in_key(model) -> set[str]:
         return {name for name, field in model.model_fields.items() if NotInKey in field.metadata}

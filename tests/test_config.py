@@ -22,10 +22,11 @@ def test_each_closed_set_equals_the_table_it_mirrors():
     from gridistill.models import IMAGENET_CLASSIFIERS
     from gridistill.tasks.embed import EMBEDDERS
     from gridistill.tasks.enhance import ENHANCE_BACKENDS
-    from gridistill.tasks.evaluate import PROTOCOLS, STUDENTS
     from gridistill.tasks.grid_layout import GRID_SELECTIONS
+    from gridistill.tasks.protocols import PROTOCOLS
     from gridistill.tasks.select import REAL_IMAGES
     from gridistill.tasks.selectors import SELECTION_METHODS
+    from gridistill.tasks.students import STUDENTS
 
     assert names(choices.Selector) == SELECTION_METHODS
     assert names(choices.SelectionMethod) == (*SELECTION_METHODS, REAL_IMAGES)

@@ -11,27 +11,25 @@ from torch import nn
 from torchvision.transforms import v2
 
 from gridistill.tasks.augment import GridAwareCrop, Lighting
-from gridistill.tasks.evaluate import (
-    PROTOCOLS,
-    STUDENTS,
+from gridistill.tasks.harness_speed import harness_overhead
+from gridistill.tasks.protocols import PROTOCOLS, get_protocol, lr_factor
+from gridistill.tasks.students import STUDENTS, build_student
+from gridistill.tasks.teachers import (
     ClassOrderMismatchError,
     Teacher,
-    build_student,
-    build_train_transform,
     check_class_order,
-    get_protocol,
-    harness_overhead,
     load_teacher,
-    lr_factor,
-    mixed_cross_entropy,
-    prepare_test_images,
     save_teacher,
+)
+from gridistill.tasks.training import (
+    mixed_cross_entropy,
     soft_label_kl,
     summarize_seeds,
     train_and_evaluate,
     train_and_evaluate_seeds,
     train_teacher,
 )
+from gridistill.tasks.transforms import build_train_transform, prepare_test_images
 
 COLOURS = torch.tensor([[220, 40, 40], [40, 200, 40], [40, 40, 220], [210, 210, 40]])
 
@@ -317,7 +315,7 @@ def test_harness_overhead_reports_both_speeds():
 def test_working_resolution_keeps_every_crop_at_least_crop_size(protocol: str, crop_size: int,
                                                                 grid_size: int | None) -> None:
     from gridistill.tasks.augment import sample_crop_box
-    from gridistill.tasks.evaluate import get_protocol, working_resolution
+    from gridistill.tasks.transforms import working_resolution
 
     preset = get_protocol(protocol)
     side = working_resolution(preset, crop_size, grid_size)

@@ -18,12 +18,8 @@ from gridistill.models import (
     read_state_dict,
 )
 from gridistill.tasks.embed import classifier_transform
-from gridistill.tasks.evaluate import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    check_imagenet_classes,
-    imagenet_teacher,
-)
+from gridistill.tasks.teachers import check_imagenet_classes, imagenet_teacher
+from gridistill.tasks.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +107,8 @@ def test_embeddings_are_the_pooled_features_before_the_classifier(lite0):
 def test_soft_labels_come_from_the_teacher_at_its_resolution_and_the_student_at_its_own(lite0):
     """cpu-soft: the teacher labels each crop at 128 px, the student learns from that crop at
     its own size; the packaged teacher is restricted to the dataset's three classes."""
-    from gridistill.tasks.evaluate import get_protocol, train_and_evaluate
+    from gridistill.tasks.protocols import get_protocol
+    from gridistill.tasks.training import train_and_evaluate
 
     wnids = ["n01440764", "n02102040", "n02979186"]
     teacher = imagenet_teacher("efficientnet-lite0", wnids)
