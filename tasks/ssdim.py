@@ -279,6 +279,31 @@ def _check_indices(indices: Sequence[int] | np.ndarray, num_images: int) -> np.n
     return index_array.astype(np.int64)
 
 
+def ssdim_terms(
+    embeddings: np.ndarray,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    rank: int = 32,
+    eps: float = 1e-3,
+) -> dict[str, float]:
+    """The three terms of ``F(S)`` for the images ``indices``, unweighted: ``coverage``
+    (``sum_i max_{j in S} K_ij``), ``logdet`` (of ``K_SS + eps I``) and ``spectral``
+    (``sum_{i in S} s_i``).
+
+    Computed directly in float64 from the normalised rows: ``max`` over ``K[:, S]``, ``slogdet``
+    of ``K_SS + eps I`` and the spectral energies, in ``O(M |S| d + M d^2)`` time, with no
+    ``M x M`` matrix unless ``M < d``.
+    """
+    unit = normalise_embeddings(embeddings).astype(np.float64)
+    selected = _check_indices(indices, unit.shape[0])
+    kernel_columns = unit @ unit[selected].T
+    sign, logdet = np.linalg.slogdet(kernel_columns[selected] + eps * np.eye(selected.size))
+    if sign <= 0:
+        raise ValueError("K_SS + eps I is not positive definite; eps must be positive")
+    return {"coverage": float(kernel_columns.max(axis=1).sum()), "logdet": float(logdet),
+            "spectral": float(_spectrum(unit, rank)[0][selected].sum())}
+
+
 def ssdim_objective(
     embeddings: np.ndarray,
     indices: Sequence[int] | np.ndarray,
@@ -289,22 +314,12 @@ def ssdim_objective(
     rank: int = 32,
     eps: float = 1e-3,
 ) -> float:
-    """The exact SSDIM objective ``F(S)`` (module docstring) of the images ``indices``.
-
-    Computed directly in float64 from the normalised rows: ``max`` over ``K[:, S]``, ``slogdet``
-    of ``K_SS + eps I`` and the spectral energies, in ``O(M |S| d + M d^2)`` time, with no
-    ``M x M`` matrix unless ``M < d``. Can be negative: each near-duplicate in ``S`` adds about
-    ``beta * log(eps)``.
+    """The exact SSDIM objective ``F(S)`` (module docstring) of the images ``indices``: the
+    weighted sum of :func:`ssdim_terms`. Can be negative: each near-duplicate in ``S`` adds
+    about ``beta * log(eps)``.
     """
-    unit = normalise_embeddings(embeddings).astype(np.float64)
-    selected = _check_indices(indices, unit.shape[0])
-    kernel_columns = unit @ unit[selected].T
-    coverage = kernel_columns.max(axis=1).sum()
-    sign, logdet = np.linalg.slogdet(kernel_columns[selected] + eps * np.eye(selected.size))
-    if sign <= 0:
-        raise ValueError("K_SS + eps I is not positive definite; eps must be positive")
-    energy = _spectrum(unit, rank)[0][selected].sum()
-    return float(alpha * coverage + beta * logdet + gamma * energy)
+    terms = ssdim_terms(embeddings, indices, rank=rank, eps=eps)
+    return alpha * terms["coverage"] + beta * terms["logdet"] + gamma * terms["spectral"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Benchmark: what each selector's ImageNette grids hold, before any student is trained.
+
+For every class of the cached EfficientNet-Lite0 embeddings (``benchmarks/cache``, written by
+``benchmarks/distill_imagenette.py``), IPC grids of L x L images are selected one grid after
+another, as the benchmark's ``<selector>-grid`` methods do. Printed per method, averaged over
+the classes: seconds per class, the SSDIM objective of the first grid (the paper's weights)
+and each of its terms, the mean cosine of the selected images to the class centroid (how
+typical they are), and how many of the ``IPC x L^2`` images the default solver (``ssdim``,
+``solver="fw"``) also selects.
+
+Usage: python benchmarks/selected_sets.py [--ipc 10] [--grid-size 4] [--cache PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from gridistill.tasks.grid_layout import select_grids
+from gridistill.tasks.ssdim import normalise_embeddings, ssdim, ssdim_objective, ssdim_terms
+
+CACHE = Path(__file__).resolve().parent / "cache"
+
+
+def methods() -> dict[str, object]:
+    return {
+        "random": "random",
+        "ssdim (fw, default)": "ssdim",
+        "ssdim algorithm1": lambda unit, k, seed: ssdim(unit, k, seed=seed, solver="algorithm1"),
+        "coverage only [1,0,0]": "facility",
+        "log-det only [0,1,0]": "logdet",
+        "spectral only [0,0,1]": partial(_weighted, (0.0, 0.0, 1.0)),
+        "herding": "herding",
+        "kcenter": "kcenter",
+    }
+
+
+def _weighted(weights: tuple[float, float, float], unit: np.ndarray, k: int,
+              seed: int) -> np.ndarray:
+    alpha, beta, gamma = weights
+    return ssdim(unit, k, alpha=alpha, beta=beta, gamma=gamma, seed=seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--grid-size", type=int, default=4)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="embeddings .npz (default: the Lite0 file in benchmarks/cache)")
+    args = parser.parse_args()
+    path = args.cache or next(iter(sorted(CACHE.glob("embeddings-efficientnet-lite0-*.npz"))),
+                              None)
+    if path is None:
+        raise SystemExit("no cached Lite0 embeddings: run benchmarks/distill_imagenette.py first")
+    classes = np.load(path)
+    cells = args.grid_size**2
+    rows: dict[str, list[list[float]]] = {name: [] for name in methods()}
+    for name in classes.files:
+        unit = normalise_embeddings(classes[name])
+        centroid = unit.mean(axis=0) / np.linalg.norm(unit.mean(axis=0))
+        chosen = {}
+        for method, selector in methods().items():
+            started = time.perf_counter()
+            grids = select_grids(selector, unit, args.ipc, cells, seed=0)
+            seconds = time.perf_counter() - started
+            chosen[method] = np.concatenate(grids)
+            terms = ssdim_terms(unit, grids[0])
+            rows[method].append([seconds, ssdim_objective(unit, grids[0]), terms["coverage"],
+                                 terms["logdet"], terms["spectral"],
+                                 float((unit[chosen[method]] @ centroid).mean())])
+        for method in methods():
+            shared = np.intersect1d(chosen[method], chosen["ssdim (fw, default)"]).size
+            rows[method][-1].append(shared)
+    print(f"# {path.name}: {len(classes.files)} classes, IPC {args.ipc}, {cells} images a grid,"
+          f" grids one after another; means over the classes")
+    print("| method | s / class | F (grid 1) | coverage | log-det | spectral | centroid cos |"
+          f" shared with ssdim (of {args.ipc * cells}) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for method, values in rows.items():
+        mean = np.mean(values, axis=0)
+        print(f"| {method} | {mean[0]:.2f} | {mean[1]:.1f} | {mean[2]:.1f} | {mean[3]:.1f} | "
+              f"{mean[4]:.2f} | {mean[5]:.3f} | {mean[6]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
