@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from gridistill.tasks.protocols import get_protocol
 from gridistill.tasks.students import build_student
 from gridistill.tasks.training import (
+    InMemoryImages,
     TrainSettings,
     _autocast,
     _make_optimizer,
@@ -86,8 +87,8 @@ def harness_overhead(
     for repeat in range(repeats):
         with seeded(repeat, torch.device(device)):
             model = build_student(student, num_classes, image_size)
-            harness.append(fit_student(model, train_images, train_labels, preset, settings,
-                                       progress=False)[1])
+            train_set = InMemoryImages(train_images.to(device), train_labels.to(device))
+            harness.append(fit_student(model, train_set, preset, settings, progress=False)[1])
         bare.append(bare_loop_images_per_s(student, num_classes, image_size, batch, steps,
                                            protocol=protocol, device=device, seed=repeat))
     best_harness, best_bare = max(harness), max(bare)

@@ -3,17 +3,21 @@ trained on the real pool, or a given checkpoint), and its reader for the evaluat
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import fsspec
 import pandas as pd
+import torch
 from pydantic import BaseModel
 
-from gridistill.stages import ArtifactRef, NotInKey, stage_task
+from gridistill.stages import ArtifactRef, NotInKey, stage_logger, stage_task
 from gridistill.storage import RunStore
+from gridistill.tasks.embed import ImageFiles, default_num_workers, image_loader
 from gridistill.tasks.teachers import (
     Teacher,
     check_class_order,
@@ -21,13 +25,53 @@ from gridistill.tasks.teachers import (
     load_teacher,
     save_teacher,
 )
-from gridistill.tasks.test_split import decode_images
-from gridistill.tasks.training import evaluate_top1, train_teacher
+from gridistill.tasks.test_split import _square_pixels, decode_images
+from gridistill.tasks.training import TrainingSet, evaluate_top1, train_teacher
 
 
 def _class_names(dataset: ArtifactRef) -> list[str]:
     return [name for name, _, _ in dataset.meta["classes"]]
 
+
+class PoolFiles(TrainingSet):
+    """The real pool as a training set streamed from its files, never held whole.
+
+    Each epoch reads the files in a new order (drawn from torch's generator, as an in-memory
+    set's) through the embed stage's DataLoader: decode workers on CUDA, each file decoded and
+    resized to its centre square at ``size`` px, one batch at a time, so memory is a few batches
+    whatever the pool's size (ImageNet-1K's pool decoded would be hundreds of GB). The price is
+    a decode of every file every epoch, as any ImageNet training pays. A file that fails to
+    decode, or whose bytes differ from the load stage's ``sha256``, is skipped and reported
+    once; ``len()`` counts the files load validated.
+    """
+
+    def __init__(self, store: RunStore, paths: Sequence[str], labels: Sequence[int],
+                 sha256: Sequence[str], size: int, device: str = "cpu") -> None:
+        self.paths, self.sha256 = list(paths), list(sha256)
+        self.labels = torch.tensor([int(label) for label in labels], dtype=torch.long)
+        self.size, self.storage_options = size, store.storage_options
+        self.num_workers = default_num_workers(device)
+        self.pin_memory = torch.device(device).type == "cuda"
+        self.reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.paths))
+        files = ImageFiles([self.paths[i] for i in order.tolist()],
+                           functools.partial(_square_pixels, size=self.size),
+                           self.storage_options, [self.sha256[i] for i in order.tolist()])
+        failed: list[str] = []
+        for batch in image_loader(files, batch_size=batch_size, num_workers=self.num_workers,
+                                  pin_memory=self.pin_memory):
+            failed += [files.paths[index] for index, _ in batch.failed]
+            if batch.indices:
+                yield batch.pixels, self.labels[order[batch.indices]]
+        if new := sorted(set(failed) - self.reported):
+            self.reported.update(new)
+            stage_logger().warning("teacher pool: skipped %d unreadable or changed images, "
+                                   "e.g. %s", len(new), new[:3])
 
 
 class TeacherParams(BaseModel):
@@ -83,11 +127,10 @@ def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: Teac
                 labels_of = {name: label for name, label, _ in dataset.meta["classes"]}
                 pool = pd.concat([store.read_parquet(f"{ref.folder}/images.parquet").assign(
                     label=labels_of[ref.scope]) for ref in loaded])
-                images, labels = decode_images(
-                    store, pool["path"].tolist(), pool["label"].tolist(), params.image_size,
-                    "teacher pool", sha256=pool["sha256"].tolist(), device=params.device)
+                files = PoolFiles(store, pool["path"].tolist(), pool["label"].tolist(),
+                                  pool["sha256"].tolist(), params.image_size, params.device)
                 teacher = train_teacher(
-                    images, labels, names, architecture=params.architecture,
+                    files, names, architecture=params.architecture,
                     image_size=params.image_size, protocol=params.protocol,
                     epochs=params.epochs, seed=params.seed, device=params.device,
                     progress=params.progress)

@@ -14,6 +14,7 @@ import contextlib
 import statistics
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -126,10 +127,42 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+class TrainingSet(ABC):
+    """Training images, served in batches: ``batches(batch_size)`` is one epoch of (uint8
+    (B, 3, H, W) images, (B,) labels) pairs, in an order drawn from torch's generator (so a
+    seeded run repeats). A batch may be shorter than ``batch_size``; ``len()`` is the number of
+    images an epoch serves at most."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class InMemoryImages(TrainingSet):
+    """A training set held as one uint8 tensor (a distilled set: a few grids per class), served
+    from wherever it lies (put it on the training device once, before training)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The order lives on the CPU so that indexing never waits for the device.
+        order = torch.randperm(len(self.images))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size].to(self.images.device, non_blocking=True)
+            yield self.images[idx], self.labels[idx.to(self.labels.device, non_blocking=True)]
+
+
 def fit_student(
     model: nn.Module,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
+    train_set: TrainingSet,
     protocol: Protocol,
     settings: TrainSettings,
     teacher: Teacher | None = None,
@@ -138,16 +171,16 @@ def fit_student(
 ) -> tuple[list[dict[str, Any]], float]:
     """Train ``model`` in place; returns (per-epoch history, training images per second).
 
-    The small training set is moved to the device once; each batch is augmented per image,
-    normalised, optionally CutMixed, and (``teacher`` given) labelled by one batched teacher
-    forward pass on exactly the crops the student sees. ``on_epoch_end(epoch)`` may return
-    extra history fields (the evaluation); its time is not counted as training time.
+    Each epoch takes ``train_set.batches(settings.batch_size)``: an in-memory set (a distilled
+    one) or a stream of files (the real pool); every batch moves to the device (a no-op for a
+    set already there), is augmented per image, normalised, optionally CutMixed, and
+    (``teacher`` given) labelled by one batched teacher forward pass on exactly the crops the
+    student sees. ``on_epoch_end(epoch)`` may return extra history fields (the evaluation);
+    its time is not counted as training time.
     """
     device = torch.device(settings.device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model.to(device, memory_format=memory_format).train()
-    images_u8 = train_images.to(device)
-    labels = train_labels.to(device=device, dtype=torch.long)
     crop_size = training_crop_size(protocol, settings.image_size, teacher)
     transform = build_train_transform(protocol, crop_size, settings.grid_size)
     normalize = _Normalizer(device)
@@ -167,14 +200,12 @@ def fit_student(
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * factor
         start = time.perf_counter()
-        # The order lives on the CPU so that indexing never waits for the device.
-        order = torch.randperm(len(images_u8))
         loss_sum, batches = torch.zeros((), device=device), 0
-        for i in range(0, len(order), settings.batch_size):
-            idx = order[i:i + settings.batch_size]
-            batch = torch.stack([transform(images_u8[j]) for j in idx.tolist()])
+        for images_u8, labels in train_set.batches(settings.batch_size):
+            images_u8 = images_u8.to(device, non_blocking=True)
+            batch_labels = labels.to(device, dtype=torch.long, non_blocking=True)
+            batch = torch.stack([transform(image) for image in images_u8])
             batch = normalize(batch).contiguous(memory_format=memory_format)
-            batch_labels = labels[idx.to(device, non_blocking=True)]
             mixed = protocol.cutmix_beta > 0 and torch.rand(()).item() < protocol.cutmix_prob
             if mixed:
                 batch, perm, lam = cutmix_batch(batch, protocol.cutmix_beta)
@@ -199,7 +230,7 @@ def fit_student(
             optimizer.step()
             loss_sum += loss.detach()  # no .item() per step: it would sync with the device
             batches += 1
-            seen += len(idx)
+            seen += len(batch_labels)
         epoch_loss = loss_sum.item() / max(batches, 1)  # waits for the epoch's last step
         train_seconds += time.perf_counter() - start
         record: dict[str, Any] = {"epoch": epoch, "lr": settings.lr * factor, "loss": epoch_loss}
@@ -283,9 +314,9 @@ def train_and_evaluate(
         def evaluate(epoch: int) -> dict[str, float]:
             return {"top1": evaluate_top1(model, test_u8, test_y)} if epoch in eval_set else {}
 
-        history, images_per_s = fit_student(model, train_images, train_labels, preset, settings,
-                                            teacher=teacher, on_epoch_end=evaluate,
-                                            progress=progress)
+        train_set = InMemoryImages(train_images.to(dev), train_labels.to(dev, dtype=torch.long))
+        history, images_per_s = fit_student(model, train_set, preset, settings, teacher=teacher,
+                                            on_epoch_end=evaluate, progress=progress)
     evaluated = [(h["top1"], h["epoch"]) for h in history if "top1" in h]
     best_top1, best_epoch = max(evaluated, key=lambda pair: (pair[0], -pair[1]))
     return {
@@ -300,8 +331,7 @@ def train_and_evaluate(
 
 
 def train_teacher(
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    pool: TrainingSet,
     class_names: Sequence[str],
     *,
     architecture: str = "resnet18",
@@ -312,7 +342,8 @@ def train_teacher(
     device: str = "cpu",
     progress: bool = True,
 ) -> Teacher:
-    """Train a teacher on the real training split with the same loop, hard labels.
+    """Train a teacher on the real training split (``pool``: in memory, or streamed from its
+    files) with the same loop, hard labels.
 
     ``protocol`` supplies the optimiser, schedule and augmentation and must use hard labels;
     ``epochs`` and the batch size default to the protocol's values for a set of this many
@@ -322,16 +353,16 @@ def train_teacher(
     if preset.labels != "hard":
         raise ValueError(f"a teacher is trained with hard labels; {protocol!r} needs a "
                          "teacher itself")
-    images_per_class = max(1, len(images) // len(class_names))
+    images_per_class = max(1, len(pool) // len(class_names))
     settings = TrainSettings(
         protocol=protocol, student=architecture, image_size=image_size, grid_size=None,
         epochs=epochs if epochs is not None else preset.epochs_for(images_per_class),
-        batch_size=min(preset.batch_for(images_per_class), len(images)),
+        batch_size=min(preset.batch_for(images_per_class), len(pool)),
         lr=preset.lr_for(architecture), ipc=images_per_class, seed=seed, device=device,
     )
     with seeded(seed, torch.device(device)):
         model = build_student(architecture, len(class_names), image_size)
-        fit_student(model, images, labels, preset, settings, progress=progress)
+        fit_student(model, pool, preset, settings, progress=progress)
     return Teacher(model.eval(), architecture, tuple(class_names), image_size)
 
 

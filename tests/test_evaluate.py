@@ -3,8 +3,11 @@ and tiny end-to-end runs that must actually learn."""
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -22,6 +25,8 @@ from gridistill.tasks.teachers import (
     save_teacher,
 )
 from gridistill.tasks.training import (
+    InMemoryImages,
+    TrainingSet,
     mixed_cross_entropy,
     soft_label_kl,
     summarize_seeds,
@@ -259,8 +264,8 @@ def test_minimax_protocol_learns_with_cutmix_and_colour_augmentation():
 def test_rded_protocol_distils_a_teacher_into_a_student():
     names = ["red", "green", "blue", "yellow"]
     real_x, real_y = solid_colour_set(6, 16, seed=2)
-    teacher = train_teacher(real_x, real_y, names, architecture="convnet_d3", image_size=16,
-                            epochs=6, progress=False)
+    teacher = train_teacher(InMemoryImages(real_x, real_y), names, architecture="convnet_d3",
+                            image_size=16, epochs=6, progress=False)
     train_x, train_y = solid_colour_set(1, 32, seed=0)
     test_x, test_y = solid_colour_set(10, 16, seed=1)
     result = train_and_evaluate(train_x, train_y, test_x, test_y, num_classes=4, protocol="rded",
@@ -274,8 +279,8 @@ def test_rded_student_follows_the_teacher_not_the_hard_labels():
     names = ["red", "green", "blue", "yellow"]
     real_x, real_y = solid_colour_set(6, 16, seed=2)
     # A teacher that learned a shifted labelling: the student must inherit the shift.
-    shifted = train_teacher(real_x, (real_y + 1) % 4, names, architecture="convnet_d3",
-                            image_size=16, epochs=6, progress=False)
+    shifted = train_teacher(InMemoryImages(real_x, (real_y + 1) % 4), names,
+                            architecture="convnet_d3", image_size=16, epochs=6, progress=False)
     train_x, train_y = solid_colour_set(1, 32, seed=0)
     test_x, test_y = solid_colour_set(10, 16, seed=1)
     result = train_and_evaluate(train_x, train_y, test_x, test_y, num_classes=4, protocol="rded",
@@ -326,3 +331,77 @@ def test_working_resolution_keeps_every_crop_at_least_crop_size(protocol: str, c
                                     preset.p_align if grid_size else 0.0, generator,
                                     scale=preset.crop_scale) for _ in range(4000)))
     assert narrowest >= crop_size - 1  # the crop window's side is rounded to whole pixels
+
+
+def test_the_teacher_stage_trains_on_the_pool_streamed_a_batch_at_a_time(tiny_dataset, tmp_path,
+                                                                         monkeypatch):
+    """The pool is read from its files through the DataLoader, each epoch, and never held whole:
+    when fit_student takes a batch, at most that batch has been decoded beyond what it already
+    consumed (no decode workers on CPU, so no prefetch). A file changed since load is skipped."""
+    import gridistill.tasks.teacher as stage
+    import gridistill.tasks.training as training
+    from gridistill.stages import ArtifactRef
+    from gridistill.storage import RunStore
+
+    store = RunStore(str(tmp_path / "run"))
+    names = sorted(path.name for path in tiny_dataset["train"].iterdir())
+    files = {name: sorted(str(p) for p in (tiny_dataset["train"] / name).iterdir())
+             for name in names}
+    test = [(str(p), label) for label, name in enumerate(names)
+            for p in sorted((tiny_dataset["test"] / name).iterdir())]
+    store.write_parquet("dataset/test.parquet", pd.DataFrame(test, columns=["path", "label"]))
+    dataset = ArtifactRef(stage="index", scope="all", key="k", folder="dataset", meta={
+        "classes": [[name, label, len(files[name])] for label, name in enumerate(names)]})
+    loaded = []
+    for name in names:
+        sha = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in files[name]]
+        if name == names[0]:
+            sha[0] = "0" * 64  # changed since the load stage: refused
+        store.write_parquet(f"load/{name}/images.parquet",
+                            pd.DataFrame({"path": files[name], "sha256": sha}))
+        loaded.append(ArtifactRef(stage="load", scope=name, key="k", folder=f"load/{name}"))
+    pool_size = sum(len(paths) for paths in files.values()) - 1
+
+    counts = {"decoded": 0, "served": 0}
+    held, sets, shapes = [], [], set()
+    square_pixels = stage._square_pixels
+
+    def counted(image, size):
+        counts["decoded"] += 1
+        return square_pixels(image, size)
+
+    class Watched(TrainingSet):
+        def __init__(self, inner: TrainingSet) -> None:
+            self.inner = inner
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+        def batches(self, batch_size: int):
+            for images, labels in self.inner.batches(batch_size):
+                held.append(counts["decoded"] - counts["served"])
+                shapes.add((images.dtype, tuple(images.shape[1:])))
+                counts["served"] += len(labels)
+                yield images, labels
+
+    fit_student = training.fit_student
+
+    def watched_fit(model, train_set, *args, **kwargs):
+        sets.append(train_set)
+        return fit_student(model, Watched(train_set), *args, **kwargs)
+
+    monkeypatch.setattr(stage, "_square_pixels", counted)
+    monkeypatch.setattr(training, "fit_student", watched_fit)
+    params = stage.TeacherParams(architecture="convnet_d3", image_size=16, epochs=2,
+                                 progress=False)
+    meta = stage.train_teacher_on_pool.fn.compute(store, "teacher/all/k", "all", params,
+                                                  [dataset, *loaded])
+    [pool] = sets
+    assert isinstance(pool, stage.PoolFiles) and len(pool) == pool_size + 1
+    batch = get_protocol("cpu-small").batch_for(12)
+    assert len(held) == 2 * math.ceil(pool_size / batch)
+    assert 0 < max(held) <= batch  # the old in-memory pool: the whole pool before batch one
+    assert counts == {"decoded": 2 * pool_size, "served": 2 * pool_size}  # re-read per epoch
+    assert shapes == {(torch.uint8, (3, 16, 16))}
+    assert pool.reported == {files[names[0]][0]}
+    assert store.exists("teacher/all/k/teacher.safetensors") and meta["test_image_size"] == 16
