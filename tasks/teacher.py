@@ -68,6 +68,9 @@ class PoolFiles(TrainingSet):
             failed += [files.paths[index] for index, _ in batch.failed]
             if batch.indices:
                 yield batch.pixels, self.labels[order[batch.indices]]
+        if len(failed) == len(files):
+            raise ValueError(f"teacher pool: none of its {len(files)} images can be read "
+                             f"(e.g. {failed[:3]})")
         if new := sorted(set(failed) - self.reported):
             self.reported.update(new)
             stage_logger().warning("teacher pool: skipped %d unreadable or changed images, "
@@ -106,7 +109,8 @@ def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: Teac
     """The soft-label teacher: the packaged ImageNet-1K classifier restricted to the dataset's
     WNIDs, or a network trained on the real pool by the same training loop, or the given
     checkpoint after checking its class order against the dataset's. It trains on the pool
-    images the load stage validated (``upstream``: the dataset, then every class's load ref).
+    images the load stage validated (``upstream``: the dataset, then every class's load ref),
+    streamed from their files each epoch (:class:`PoolFiles`).
     Its top-1 on the real test images is measured here, for the report."""
     dataset, *loaded = upstream
     names = _class_names(dataset)

@@ -405,3 +405,13 @@ def test_the_teacher_stage_trains_on_the_pool_streamed_a_batch_at_a_time(tiny_da
     assert shapes == {(torch.uint8, (3, 16, 16))}
     assert pool.reported == {files[names[0]][0]}
     assert store.exists("teacher/all/k/teacher.safetensors") and meta["test_image_size"] == 16
+
+
+def test_a_teacher_pool_with_no_readable_image_is_an_error(tmp_path):
+    from gridistill.storage import RunStore
+    from gridistill.tasks.teacher import PoolFiles
+
+    pool = PoolFiles(RunStore(str(tmp_path)), [str(tmp_path / "gone.png")] * 2, [0, 1],
+                     ["0" * 64] * 2, size=16)
+    with pytest.raises(ValueError, match="none of its 2 images"):
+        list(pool.batches(4))
