@@ -170,7 +170,7 @@ def uses_teacher(config: DistillConfig) -> bool:
 # Binders import their stage module when called: a segment run on a worker is a fresh process,
 # and importing every stage (diffusers, timm, open_clip) would add ~15 s to each.
 def _load(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from gridistill.tasks.ingest import LoadParams, load_class
+    from gridistill.tasks.load import LoadParams, load_class
 
     return load_class, LoadParams()
 
@@ -309,7 +309,7 @@ def class_refs(dataset: ArtifactRef, classes: Sequence[str]) -> dict[str, Artifa
 def index_and_check(config: DistillConfig, store: StoreSpec) -> ArtifactRef:
     """List the data (the index task), then refuse classes a later stage cannot serve, before
     any class's data is read."""
-    from gridistill.tasks.ingest import IndexParams, index_dataset
+    from gridistill.tasks.index import IndexParams, index_dataset
     from gridistill.tasks.teachers import check_imagenet_classes
 
     dataset = index_dataset(store, IndexParams(

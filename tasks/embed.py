@@ -44,7 +44,8 @@ from gridistill.models import (
 from gridistill.resources import BatchLimit, run_in_batches
 from gridistill.stages import ArtifactRef, NotInKey, stage_task
 from gridistill.storage import RunStore
-from gridistill.tasks.ingest import no_usable_images, read_image, record_skipped
+from gridistill.tasks.ingest import read_image
+from gridistill.tasks.load import no_usable_images, record_skipped
 
 EMBEDDERS = ("auto", "clip", "efficientnet-lite0", "pixels-pca")
 PACKAGED_EMBEDDER = "efficientnet-lite0"  # what "auto" takes when CLIP's weights are missing

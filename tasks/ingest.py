@@ -1,4 +1,6 @@
-"""Input discovery and validation: ImageFolder trees or manifests, on any fsspec URL.
+"""Input discovery and validation: ImageFolder trees or manifests, on any fsspec URL (plain
+functions; the index and load stages are :mod:`gridistill.tasks.index` and
+:mod:`gridistill.tasks.load`).
 
 Class order is the sorted folder order unless a class-list file is given (e.g. ImageNet
 WNIDs). Teachers and class-conditional generators index classes by that order, so it is
@@ -19,12 +21,8 @@ import fsspec
 import numpy as np
 import pandas as pd
 from PIL import Image
-from prefect import task
-from pydantic import BaseModel
-from tqdm.auto import tqdm
 
-from gridistill.stages import ArtifactRef, StoreSpec, stage_logger, stage_task
-from gridistill.storage import RunStore, content_key, validate_key_part
+from gridistill.storage import validate_key_part
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
@@ -253,117 +251,3 @@ def read_image(path: str, storage_options: dict[str, Any] | None = None) -> Deco
     """Read and decode one image from any fsspec URL."""
     data = read_bytes(path, storage_options)
     return DecodedImage(None, "", data) if isinstance(data, str) else decode_image(data)
-
-
-def record_skipped(store: RunStore, folder: str, stage: str, scope: str,
-                   skipped: list[tuple[str, str]], total: int) -> dict[str, int]:
-    """Write ``<folder>/skipped.parquet`` (path, reason), warn when it is not empty and return
-    the count per reason category (the text before the first colon)."""
-    frame = pd.DataFrame(skipped, columns=["path", "reason"], dtype=str)
-    store.write_parquet(f"{folder}/skipped.parquet", frame)
-    by_reason = frame["reason"].str.split(":").str[0].value_counts().to_dict()
-    if skipped:
-        stage_logger().warning("%s[%s]: skipped %d of %d images %s (listed in %s)", stage, scope,
-                               len(skipped), total, by_reason,
-                               store.url(f"{folder}/skipped.parquet"))
-    return by_reason
-
-
-def no_usable_images(store: RunStore, folder: str, scope: str, skipped: int,
-                     by_reason: dict[str, int]) -> ValueError:
-    return ValueError(f"class {scope!r} has no usable images: {skipped} skipped {by_reason}; "
-                      f"see {store.url(f'{folder}/skipped.parquet')}")
-
-
-# -- Prefect tasks ---------------------------------------------------------------------------
-class IndexParams(BaseModel):
-    data: str
-    test_data: str | None = None
-    class_list: str | None = None
-    holdout_share: float = 0.2
-    seed: int = 0
-
-
-@task(name="index-dataset", retries=2, retry_delay_seconds=[2, 10], persist_result=False)
-def index_dataset(store: StoreSpec, params: IndexParams) -> ArtifactRef:
-    """List the data once, fix the class order and the test split; write per-class manifests.
-
-    Always runs (listing is what detects changed data); its key is the listing's content, so
-    an unchanged dataset maps to the same folder and every later stage stays cached.
-    """
-    log = stage_logger()
-    options = store.storage_options
-    listing = scan_samples(params.data, options)
-    pool, ignored = listing.samples, listing.ignored
-    pairs = read_class_list(params.class_list, options) if params.class_list else None
-    classes = resolve_classes(pool["class_name"], pairs)
-    labels = {c.name: c.label for c in classes}
-    if params.test_data:
-        test_listing = scan_samples(params.test_data, options)
-        test, ignored = test_listing.samples, ignored + test_listing.ignored
-        unknown = sorted(set(test["class_name"]) - set(labels))
-        if unknown:
-            raise ValueError(f"test classes not among the training classes: {unknown[:10]}")
-        frame = pd.concat([pool.assign(split="pool"), test.assign(split="test")])
-    else:
-        frame = pool.assign(split="pool")
-        for name, rows in frame.groupby("class_name"):
-            mask = holdout_mask(rows["path"].tolist(), params.holdout_share, params.seed, name)
-            frame.loc[rows.index[mask], "split"] = "test"
-    frame = frame.assign(label=frame["class_name"].map(labels)).reset_index(drop=True)
-    class_rows = [[c.name, c.label, c.display_name] for c in classes]
-    key = content_key(frame[["path", "size", "class_name", "split"]].values.tolist(), class_rows,
-                      ignored)
-    folder = f"dataset/{key}"
-    run_store = store.open()
-    if not run_store.is_committed(folder):
-        for name, rows in frame.groupby("class_name"):
-            run_store.write_parquet(f"{folder}/classes/{name}.parquet", rows)
-        run_store.write_parquet(f"{folder}/test.parquet", frame[frame["split"] == "test"])
-        run_store.write_parquet(f"{folder}/ignored.parquet",
-                                pd.DataFrame(ignored, columns=["path", "reason"], dtype=str))
-        run_store.commit(folder, {"key": key, "classes": class_rows, "params": params.model_dump()})
-    counts = frame.groupby("split").size().to_dict()
-    log.info("dataset %s: %d classes, %s images (%s)", key, len(classes), counts, params.data)
-    if ignored:
-        log.warning("dataset %s: ignored %d entries that are not samples (listed in %s), e.g. %s",
-                    key, len(ignored), run_store.url(f"{folder}/ignored.parquet"), ignored[:5])
-    return ArtifactRef(stage="dataset", scope="all", key=key, folder=folder,
-                       meta={"classes": class_rows, "counts": counts, "ignored": len(ignored),
-                             "num_classes": len(pairs) if pairs else len(classes)})
-
-
-class LoadParams(BaseModel):
-    min_side: int = 8  # images smaller than this are skipped (they would be mostly upsampling)
-
-
-@stage_task("load")
-def load_class(store: RunStore, folder: str, scope: str, params: LoadParams,
-               upstream: list[ArtifactRef]) -> dict[str, Any]:
-    """Validate one class's pool images from their bytes and headers; report every skipped
-    file and why. Pixels are not decoded here: at ImageNet scale a decode costs more than the
-    read, and the embed stage decodes every image anyway (and lists those that fail there)."""
-    (dataset,) = upstream
-    rows = store.read_parquet(f"{dataset.folder}/classes/{scope}.parquet")
-    rows = rows[rows["split"] == "pool"]
-    kept, skipped, seen = [], [], {}
-    for path in tqdm(rows["path"], desc=f"load {scope}", unit="img", leave=False):
-        data = read_bytes(path, store.storage_options)
-        header = ImageHeader("", None, data) if isinstance(data, str) else probe_image(data)
-        reason = header.error
-        if reason is None and min(header.size) < params.min_side:
-            reason = f"too small: {header.size}, under {params.min_side}px"
-        if reason is None and header.sha256 in seen:
-            reason = f"exact duplicate: same bytes as {seen[header.sha256]}"
-        if reason is not None:
-            skipped.append((path, reason))
-            continue
-        seen[header.sha256] = path
-        kept.append((len(kept), path, header.sha256, *header.size))
-    # Written first, so that a class with nothing usable still leaves its reasons to read.
-    by_reason = record_skipped(store, folder, "load", scope, skipped, len(rows))
-    if not kept:
-        raise no_usable_images(store, folder, scope, len(skipped), by_reason)
-    store.write_parquet(f"{folder}/images.parquet", pd.DataFrame(
-        kept, columns=["image_id", "path", "sha256", "width", "height"]))
-    return {"images": len(kept), "skipped": len(skipped), "skipped_by_reason": by_reason}

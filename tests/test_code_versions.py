@@ -18,7 +18,7 @@ from gridistill.tasks.embed import embed_class
 from gridistill.tasks.enhance import enhance_class
 from gridistill.tasks.evaluate import evaluate_grids
 from gridistill.tasks.grids import assemble_class_grids
-from gridistill.tasks.ingest import load_class
+from gridistill.tasks.load import load_class
 from gridistill.tasks.refine import refine_class
 from gridistill.tasks.select import select_class
 from gridistill.tasks.teacher import train_teacher_on_pool
@@ -153,7 +153,7 @@ def test_how_a_stage_runs_is_marked_out_of_its_key_on_the_field():
     from gridistill.tasks.enhance import EnhanceParams
     from gridistill.tasks.evaluate import EvalParams
     from gridistill.tasks.grids import GridParams
-    from gridistill.tasks.ingest import LoadParams
+    from gridistill.tasks.load import LoadParams
     from gridistill.tasks.refine import RefineParams
     from gridistill.tasks.select import SelectParams
     from gridistill.tasks.teacher import TeacherParams

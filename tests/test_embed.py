@@ -21,7 +21,8 @@ from gridistill.tasks.embed import (
     pixel_pca_project,
     pixel_thumbnail,
 )
-from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+from gridistill.tasks.index import IndexParams, index_dataset
+from gridistill.tasks.load import LoadParams, load_class
 from tests.conftest import make_image
 
 TINY_CLIP = {

@@ -42,7 +42,8 @@ def test_a_file_changed_after_embedding_stops_grids_naming_it(tiny_dataset, tmp_
     from gridistill.storage import RunStore
     from gridistill.tasks.embed import EmbedParams, embed_class
     from gridistill.tasks.grids import ChangedFileError, GridParams, assemble_class_grids
-    from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+    from gridistill.tasks.index import IndexParams, index_dataset
+    from gridistill.tasks.load import LoadParams, load_class
     from gridistill.tasks.select import SelectParams, select_class
     from tests.conftest import make_image
 

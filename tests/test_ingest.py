@@ -97,7 +97,8 @@ def test_load_stage_reads_headers_and_never_decodes_pixels(tiny_dataset, tmp_pat
 
     from gridistill.stages import StoreSpec
     from gridistill.storage import RunStore
-    from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+    from gridistill.tasks.index import IndexParams, index_dataset
+    from gridistill.tasks.load import LoadParams, load_class
 
     def no_decode(self, *args, **kwargs):
         raise AssertionError("the load stage decoded pixels")

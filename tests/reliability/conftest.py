@@ -102,7 +102,8 @@ def run_pipeline(root: str, data: str, test_data: str | None = None, *, grid_siz
     """index -> load -> embed -> select -> grids, each stage's body called directly."""
     from gridistill.tasks.embed import EmbedParams, embed_class
     from gridistill.tasks.grids import GridParams, assemble_class_grids
-    from gridistill.tasks.ingest import IndexParams, LoadParams, index_dataset, load_class
+    from gridistill.tasks.index import IndexParams, index_dataset
+    from gridistill.tasks.load import LoadParams, load_class
     from gridistill.tasks.select import SelectParams, select_class
 
     store = StoreSpec(root=root, storage_options=storage_options or {})

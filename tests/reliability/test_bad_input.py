@@ -15,14 +15,9 @@ from PIL import Image
 
 from gridistill.stages import ArtifactRef, StoreSpec
 from gridistill.storage import RunStore, StorageError
-from gridistill.tasks.ingest import (
-    IndexParams,
-    LoadParams,
-    decode_image,
-    index_dataset,
-    load_class,
-    scan_samples,
-)
+from gridistill.tasks.index import IndexParams, index_dataset
+from gridistill.tasks.ingest import decode_image, scan_samples
+from gridistill.tasks.load import LoadParams, load_class
 from gridistill.tasks.select import SelectParams, select_class
 
 from .conftest import (

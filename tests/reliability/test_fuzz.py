@@ -19,16 +19,9 @@ from hypothesis import strategies as st
 
 from gridistill.stages import StoreSpec, stage_folder
 from gridistill.storage import RunStore
-from gridistill.tasks.ingest import (
-    IMAGE_EXTENSIONS,
-    IndexParams,
-    LoadParams,
-    decode_image,
-    index_dataset,
-    load_class,
-    resolve_classes,
-    scan_samples,
-)
+from gridistill.tasks.index import IndexParams, index_dataset
+from gridistill.tasks.ingest import IMAGE_EXTENSIONS, decode_image, resolve_classes, scan_samples
+from gridistill.tasks.load import LoadParams, load_class
 
 from .conftest import encode, hostile_files, noise_image
 
