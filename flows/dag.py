@@ -191,7 +191,9 @@ def _select(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseM
     config = setup.config
     return select_class, SelectParams(
         method=method, ipc=config.ipc, grid_size=cells_per_side(method, config.grid_size),
-        grid_selection=config.grid_selection, seed=config.seed)
+        grid_selection=config.grid_selection, seed=config.seed,
+        # Only SSDIM reads them: new weights re-select SSDIM's grids and no other method's.
+        weights=config.ssdim if method == "ssdim" else None)
 
 
 def _grids(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseModel]:

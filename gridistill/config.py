@@ -21,6 +21,7 @@ from gridistill.choices import (
     Teacher,
 )
 from gridistill.refine_options import DiverOptions
+from gridistill.select_options import SsdimWeights
 from gridistill.storage import content_key
 
 # Option names that hold credentials (s3fs: key, secret, token; others: password...).
@@ -63,6 +64,8 @@ class DistillConfig(BaseModel):
     grid_selection: Literal["sequential", "joint"] = Field("sequential", description=(
         "sequential: each grid is selected from what earlier grids left of the class (the "
         "paper); joint: IPC x L x L images are selected at once and dealt into grids."))
+    ssdim: SsdimWeights = Field(SsdimWeights(), description=(
+        "SSDIM's weights (the paper's by default)"))
     seed: int = Field(0, description="Seed for selection, hold-out split and training.")
     holdout_share: float = Field(0.2, ge=0.0, lt=1.0, description=(
         "Share of each class held out for testing when no test data is given."))
@@ -167,6 +170,9 @@ class DistillConfig(BaseModel):
             "ipc": self.ipc, "embedder": embedder,
             "grid": f"{self.grid_size}x{self.grid_size} at {self.grid_resolution}px, "
                     f"{self.grid_selection} selection",
+            "ssdim weights": f"coverage {self.ssdim.coverage_weight:g}, "
+                             f"log-det {self.ssdim.logdet_weight:g}, "
+                             f"spectral {self.ssdim.spectral_weight:g}",
             "enhance": f"{', '.join(self.enhance)} x{self.enhance_scale}",
             "refine": f"DIVER ({self.diver.dit}, t_f={self.diver.t_f}, "
                       f"t_r={self.diver.start_step}, gamma={self.diver.gamma})"

@@ -7,15 +7,18 @@ The selection itself is plain numpy elsewhere:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pandas as pd
 from pydantic import BaseModel
 from threadpoolctl import threadpool_limits
 
+from gridistill.select_options import SsdimWeights
 from gridistill.stages import ArtifactRef, stage_task
 from gridistill.storage import RunStore
 from gridistill.tasks.grid_layout import select_grids
+from gridistill.tasks.selectors import Selector, weighted_ssdim
 
 # The field's random baseline (DD-Ranking's "rdm", the peers' "random"): IPC random photos per
 # class, each stored and trained on as a photo (a 1 x 1 grid), not packed into a grid.
@@ -33,6 +36,18 @@ class SelectParams(BaseModel):
     grid_size: int = 4
     grid_selection: str = "sequential"
     seed: int = 0
+    weights: SsdimWeights | None = None  # SSDIM's (None: the paper's); other methods: None
+
+
+def selector_for(params: SelectParams) -> str | Selector:
+    """The selector ``params`` names: SSDIM with its weights, random photos as ``random``."""
+    if params.method == REAL_IMAGES:
+        return "random"
+    if params.method != "ssdim" or params.weights is None:
+        return params.method
+    weights = params.weights
+    return partial(weighted_ssdim, (weights.coverage_weight, weights.logdet_weight,
+                                    weights.spectral_weight))
 
 
 @stage_task("select")
@@ -46,9 +61,8 @@ def select_class(store: RunStore, folder: str, scope: str, params: SelectParams,
     table, vectors = read_embeddings(store, embedded)
     cells = params.grid_size**2
     # Classes already run in parallel: extra BLAS threads only wait for busy cores (10x slower).
-    selector = "random" if params.method == REAL_IMAGES else params.method
     with threadpool_limits(1):
-        grids = select_grids(selector, vectors, params.ipc, cells, seed=params.seed,
+        grids = select_grids(selector_for(params), vectors, params.ipc, cells, seed=params.seed,
                              grid_selection=params.grid_selection)
     # The load stage's sha256 travels with each pick, so grids can refuse a changed file.
     rows = [(g, c, int(table["image_id"].iat[i]), table["path"].iat[i], table["sha256"].iat[i])

@@ -39,6 +39,14 @@ def select_ssdim(unit_embeddings: np.ndarray, k: int, seed: int) -> np.ndarray:
     return ssdim(unit_embeddings, k, seed=seed)
 
 
+def weighted_ssdim(weights: tuple[float, float, float], unit_embeddings: np.ndarray, k: int,
+                   seed: int) -> np.ndarray:
+    """SSDIM with weights ``(alpha, beta, gamma)`` (the paper's Table 6 ablates them); bind
+    them with ``functools.partial`` to get a selector."""
+    alpha, beta, gamma = weights
+    return ssdim(unit_embeddings, k, alpha=alpha, beta=beta, gamma=gamma, seed=seed)
+
+
 def select_random(unit_embeddings: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Uniform sampling without replacement, ``numpy.random.default_rng(seed)``."""
     return np.random.default_rng(seed).choice(unit_embeddings.shape[0], size=k, replace=False)

@@ -65,3 +65,34 @@ def test_unknown_names_are_refused(class_embeddings):
         select_grids("ssdim", class_embeddings, 1, 4, grid_selection="greedy")
     with pytest.raises(ValueError, match="selection method"):
         select_grids("best", class_embeddings, 1, 4)
+
+
+def test_ssdim_weights_go_from_the_command_line_to_ssdims_selector_only(class_embeddings):
+    """``gridistill run --coverage-weight 0 --logdet-weight 0 --spectral-weight 1``: the select
+    node of SSDIM gets those weights and selects with them; other methods' nodes get none."""
+    from gridistill.cli import build_parser, config_from_args
+    from gridistill.flows.dag import Setup, build_dag
+    from gridistill.select_options import SsdimWeights
+    from gridistill.stages import ArtifactRef
+    from gridistill.tasks.select import selector_for
+    from gridistill.tasks.ssdim import ssdim
+
+    config = config_from_args(build_parser().parse_args(
+        ["run", "--coverage-weight", "0", "--logdet-weight", "0", "--spectral-weight", "1",
+         "--methods", "ssdim", "herding"]))
+    dataset = ArtifactRef(stage="dataset", scope="all", key="k", folder="dataset/k",
+                          meta={"classes": [], "num_classes": 10})
+    nodes = {node.label: node for node in build_dag(config).nodes}
+    setup = Setup(config, "cpu")
+    _, ssdim_params = nodes["select:ssdim"].bind(setup, dataset)
+    _, herding_params = nodes["select:herding"].bind(setup, dataset)
+    assert ssdim_params.weights == SsdimWeights(coverage_weight=0, logdet_weight=0,
+                                                spectral_weight=1)
+    assert herding_params.weights is None and selector_for(herding_params) == "herding"
+    spectral_only = select_grids(selector_for(ssdim_params), class_embeddings, 2, 16, seed=3)
+    expected = select_grids(lambda unit, k, seed: ssdim(unit, k, alpha=0, beta=0, gamma=1,
+                                                        seed=seed),
+                            class_embeddings, 2, 16, seed=3)
+    paper = select_grids("ssdim", class_embeddings, 2, 16, seed=3)
+    np.testing.assert_array_equal(np.concatenate(spectral_only), np.concatenate(expected))
+    assert not np.array_equal(np.concatenate(spectral_only), np.concatenate(paper))
