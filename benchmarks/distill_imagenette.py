@@ -145,8 +145,7 @@ def parse_method(name: str) -> Method:
     """A benchmark method by name (module docstring); fails before any work if unknown."""
     import functools
 
-    from gridistill.tasks.selectors import SELECTION_METHODS
-    from gridistill.tasks.ssdim import ssdim
+    from gridistill.tasks.selectors import SELECTION_METHODS, weighted_ssdim
 
     if name in (REAL_METHOD, FULL_METHOD):
         return Method(name)
@@ -161,9 +160,8 @@ def parse_method(name: str) -> Method:
         alpha, beta, gamma = (float(w) for w in selector[len("ssdim["):-1].split(","))
         if alpha == beta == gamma == 0:  # no objective: the paper's row is random grids
             return Method(name, "random", grid_selection)
-        weighted = functools.partial(ssdim, alpha=alpha, beta=beta, gamma=gamma)
-        return Method(name, lambda unit, k, seed: weighted(unit, k, seed=seed), grid_selection,
-                      True)
+        return Method(name, functools.partial(weighted_ssdim, (alpha, beta, gamma)),
+                      grid_selection, True)
     if selector not in SELECTION_METHODS:
         raise SystemExit(
             f"method {name!r} needs selector {selector!r}, which gridistill.tasks.selectors "

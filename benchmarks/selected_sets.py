@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gridistill.tasks.grid_layout import select_grids
+from gridistill.tasks.selectors import weighted_ssdim
 from gridistill.tasks.ssdim import normalise_embeddings, ssdim, ssdim_objective, ssdim_terms
 
 CACHE = Path(__file__).resolve().parent / "cache"
@@ -33,16 +34,10 @@ def methods() -> dict[str, object]:
         "ssdim algorithm1": lambda unit, k, seed: ssdim(unit, k, seed=seed, solver="algorithm1"),
         "coverage only [1,0,0]": "facility",
         "log-det only [0,1,0]": "logdet",
-        "spectral only [0,0,1]": partial(_weighted, (0.0, 0.0, 1.0)),
+        "spectral only [0,0,1]": partial(weighted_ssdim, (0.0, 0.0, 1.0)),
         "herding": "herding",
         "kcenter": "kcenter",
     }
-
-
-def _weighted(weights: tuple[float, float, float], unit: np.ndarray, k: int,
-              seed: int) -> np.ndarray:
-    alpha, beta, gamma = weights
-    return ssdim(unit, k, alpha=alpha, beta=beta, gamma=gamma, seed=seed)
 
 
 def main() -> None:
