@@ -69,7 +69,7 @@ class BenchmarkConfig:
     student: str | None = None  # None: the protocol's (cpu-small: convnet_d3)
     image_size: int | None = None  # None: the protocol's (cpu-small: 64 px)
     epochs: int | None = None  # None: the protocol's, by IPC
-    pool_per_class: int | None = None  # None: every train image is a candidate
+    train_per_class: int | None = None  # None: every train image is a candidate
     test_per_class: int | None = None  # None: the whole test split
     threads: int | None = None
     out: Path | None = None  # Parquet of one row per run
@@ -77,7 +77,7 @@ class BenchmarkConfig:
 
 
 # --quick: the values it sets unless the flag is given explicitly.
-QUICK = {"ipcs": (1,), "seeds": (0,), "pool_per_class": 40, "test_per_class": 20, "epochs": 8,
+QUICK = {"ipcs": (1,), "seeds": (0,), "train_per_class": 40, "test_per_class": 20, "epochs": 8,
          "image_size": 32, "embedders": ("pixels-pca",)}
 
 
@@ -173,10 +173,10 @@ def parse_method(name: str) -> Method:
 CACHE = Path(__file__).resolve().parent / "cache"
 
 
-def embed_pool(
-    pool: Split, names: Sequence[str], embedder: str
+def embed_train(
+    train: Split, names: Sequence[str], embedder: str
 ) -> tuple[dict[int, np.ndarray], str]:
-    """Per class: the embedding rows of that class's candidates (in pool order).
+    """Per class: the embedding rows of that class's candidates (in train-split order).
 
     Kept in ``benchmarks/cache/`` under a key of the embedder, its weights and the file list,
     so that the one slow step on a CPU (EfficientNet-Lite0 at 224 px) runs once.
@@ -187,15 +187,15 @@ def embed_pool(
     choice = choose_embedder(embedder, clip_model="ViT-B-32", clip_pretrained="laion2b_s34b_b79k")
     if choice.fallback_reason:
         print(f"!!! embedder fallback: {choice.fallback_reason}", file=sys.stderr)
-    key = content_key(choice.name, choice.weights, [str(p) for p in pool.paths])[:16]
+    key = content_key(choice.name, choice.weights, [str(p) for p in train.paths])[:16]
     cached = CACHE / f"embeddings-{choice.name.replace('/', '_').replace(':', '_')}-{key}.npz"
-    labels = np.asarray(pool.labels)
+    labels = np.asarray(train.labels)
     if cached.is_file():
         with np.load(cached) as stored:
             return {label: stored[str(label)] for label in range(len(names))}, choice.name
     embeddings = {}
     for label in range(len(names)):
-        images = [load_rgb(pool.paths[i]) for i in np.flatnonzero(labels == label)]
+        images = [load_rgb(train.paths[i]) for i in np.flatnonzero(labels == label)]
         embeddings[label] = choice.embed(images)
         print(f"# embedded {names[label]}: {len(images)} images", flush=True)
     CACHE.mkdir(exist_ok=True)
@@ -203,21 +203,21 @@ def embed_pool(
     return embeddings, choice.name
 
 
-def distil(method: Method, pool: Split, embeddings: dict[int, np.ndarray], ipc: int, seed: int,
+def distil(method: Method, train: Split, embeddings: dict[int, np.ndarray], ipc: int, seed: int,
            config: BenchmarkConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The distilled set of one method: (IPC * classes, 3, R, R) uint8 images and labels
-    (for ``full-real``: every pool image)."""
+    (for ``full-real``: every train image)."""
     from gridistill.tasks.grid_layout import select_grids
     from gridistill.tasks.grids import assemble_grid
     from gridistill.tasks.selectors import select
 
     if method.name == FULL_METHOD:
-        return (to_uint8_tensor([load_rgb(p) for p in pool.paths], config.resolution),
-                torch.tensor(pool.labels))
-    labels = np.asarray(pool.labels)
+        return (to_uint8_tensor([load_rgb(p) for p in train.paths], config.resolution),
+                torch.tensor(train.labels))
+    labels = np.asarray(train.labels)
     images, targets = [], []
     for label, class_embeddings in embeddings.items():
-        class_paths = [pool.paths[i] for i in np.flatnonzero(labels == label)]
+        class_paths = [train.paths[i] for i in np.flatnonzero(labels == label)]
         if method.selector is None:
             chosen = select("random", class_embeddings, ipc, seed=seed)
             images += [load_rgb(class_paths[i]) for i in chosen]
@@ -295,16 +295,16 @@ def run(config: BenchmarkConfig, speed_only: bool = False) -> list[dict[str, Any
     if unknown_labels:
         raise SystemExit(f"unknown labels {sorted(unknown_labels)}; choose from {list(LABELS)}")
     names, train, test = read_splits(config.data)
-    pool = subsample(train, config.pool_per_class, seed=0)
+    train = subsample(train, config.train_per_class, seed=0)
     test = subsample(test, config.test_per_class, seed=0)
-    print(f"# ImageNette CPU benchmark: {len(pool.paths)} candidates, "
+    print(f"# ImageNette CPU benchmark: {len(train.paths)} candidates, "
           f"{len(test.paths)} test images, student {student} at {image_size} px, "
           f"torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
 
     started = time.perf_counter()
     embedded = {}
     for embedder in config.embedders:
-        embedded[embedder] = embed_pool(pool, names, embedder)
+        embedded[embedder] = embed_train(train, names, embedder)
         print(f"# embedder: {embedded[embedder][1]} ({time.perf_counter() - started:.0f} s)")
     rows: list[dict[str, Any]] = []
     if config.out is not None and config.out.is_file():
@@ -328,7 +328,7 @@ def run(config: BenchmarkConfig, speed_only: bool = False) -> list[dict[str, Any
                         key = (labels, embedder, method.name, ipc, epochs, seed)
                         if key in done:
                             continue
-                        train_images, train_labels = distil(method, pool, embeddings, ipc, seed,
+                        train_images, train_labels = distil(method, train, embeddings, ipc, seed,
                                                             config)
                         result = train_and_evaluate(
                             train_images, train_labels, test_images, test_labels,
@@ -357,7 +357,7 @@ def run(config: BenchmarkConfig, speed_only: bool = False) -> list[dict[str, Any
         # Time the first grid method when there is one: grids are what this repo distils.
         method = next((m for m in methods if m.selector is not None), parse_method(REAL_METHOD))
         ipc = max(config.ipcs)
-        images, labels = distil(method, pool, next(iter(embedded.values()))[0], ipc, 0, config)
+        images, labels = distil(method, train, next(iter(embedded.values()))[0], ipc, 0, config)
         speed = harness_overhead(images, labels, num_classes=len(names), student=student,
                                  grid_size=None if method.selector is None else config.grid_size,
                                  image_size=image_size)
@@ -384,7 +384,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchmarkConfig, bool
     parser.add_argument("--student")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--pool-per-class", type=int)
+    parser.add_argument("--train-per-class", type=int,
+                        help="train images per class, the candidates (default: all)")
     parser.add_argument("--test-per-class", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path)

@@ -18,7 +18,7 @@ CPU, single-threaded BLAS is faster and far steadier: OpenBLAS threads spin-wait
 
 ``--device``: adds a row per input for ``ssdim(..., device=...)`` (the torch backend), with
 ``torch.set_num_threads(1)``: two torch threads on this shared 2-core CPU were 4x slower.
-``--large``: a second table for pools where plain greedy is out of reach, M=20000 and 50000
+``--large``: a second table for candidate sets where plain greedy is out of reach, M=20000 and 50000
 (d=512, k=160), each method timed once: SSDIM with kNN coverage (the default there) against
 cheap baselines, F relative to the best reference row of the same input. ``--reference`` adds
 the exact-coverage three-stage solver and facility location at M=20000 (~1.5 minutes more).
@@ -41,7 +41,7 @@ from gridistill.tasks import selectors
 from gridistill.tasks import ssdim as solvers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/imagenette/public/train"
-# Synthetic inputs: pool size M -> (dimension d, subset size k, seed).
+# Synthetic inputs: candidate count M -> (dimension d, subset size k, seed).
 SYNTHETIC = {300: (128, 40, 0), 1300: (512, 160, 1), 5000: (512, 160, 2)}
 
 
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--device", default=None,
                         help="also time ssdim with the torch backend on this device")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SYNTHETIC),
-                        choices=list(SYNTHETIC), help="synthetic pool sizes M to run")
+                        choices=list(SYNTHETIC), help="synthetic candidate counts M to run")
     parser.add_argument("--large", action="store_true",
                         help="add the M=20000 and 50000 table (a few minutes)")
     parser.add_argument("--reference", action="store_true",
@@ -188,7 +188,7 @@ def main() -> None:
             print(row, flush=True)
     if not args.large:
         return
-    print(f"\n# large pools, one run each, load average {os.getloadavg()[0]:.1f}")
+    print(f"\n# many candidates, one run each, load average {os.getloadavg()[0]:.1f}")
     print("| size | method | seconds (wall) | CPU s | F | F/F_ref | ref (best of) |")
     print("|---|---|---:|---:|---:|---:|---|")
     for num_images, seed in ((20_000, 3), (50_000, 4)):

@@ -246,9 +246,9 @@ def teacher_params(config: DistillConfig, device: str) -> TeacherParams | None:
 
 
 def _teacher(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
-    from gridistill.tasks.teacher import train_teacher_on_pool
+    from gridistill.tasks.teacher import build_teacher
 
-    return train_teacher_on_pool, teacher_params(setup.config, setup.device)
+    return build_teacher, teacher_params(setup.config, setup.device)
 
 
 def _evaluate(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseModel]:

@@ -25,5 +25,5 @@ Student = Literal["convnet_d3", "convnet_d4", "convnet_d5", "convnet_d6", "resne
                   "resnet18_lowres", "resnetap10", "mobilenetv2", "efficientnet_b0", "vit_tiny"]
 # gridistill.models.IMAGENET_CLASSIFIERS: packaged ImageNet-1K networks (no training needed).
 ImageNetClassifier = Literal["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
-# A soft-label teacher: a packaged classifier, or a student architecture trained on the pool.
+# A soft-label teacher: a packaged classifier, or a student architecture trained on the train split.
 Teacher = Literal[Student, ImageNetClassifier]

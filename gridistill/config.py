@@ -97,7 +97,7 @@ class DistillConfig(BaseModel):
     teacher: Teacher = Field("resnet18", description=(
         "Soft-label protocols (rded, cpu-soft): efficientnet-lite0 (the packaged ImageNet-1K "
         "network, its logits restricted to the dataset's WNIDs), or an architecture trained "
-        "on the real pool (for data outside ImageNet)."))
+        "on the real training images (for data outside ImageNet)."))
     teacher_checkpoint: str | None = Field(None, description=(
         "Soft-label protocols: a saved teacher to use instead (class order is checked)."))
     classifier_checkpoint: str | None = Field(None, description=(

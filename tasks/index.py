@@ -30,9 +30,9 @@ def index_dataset(store: StoreSpec, params: IndexParams) -> ArtifactRef:
     log = stage_logger()
     options = store.storage_options
     listing = scan_samples(params.data, options)
-    pool, ignored = listing.samples, listing.ignored
+    train, ignored = listing.samples, listing.ignored
     pairs = read_class_list(params.class_list, options) if params.class_list else None
-    classes = resolve_classes(pool["class_name"], pairs)
+    classes = resolve_classes(train["class_name"], pairs)
     labels = {c.name: c.label for c in classes}
     if params.test_data:
         test_listing = scan_samples(params.test_data, options)
@@ -40,9 +40,9 @@ def index_dataset(store: StoreSpec, params: IndexParams) -> ArtifactRef:
         unknown = sorted(set(test["class_name"]) - set(labels))
         if unknown:
             raise ValueError(f"test classes not among the training classes: {unknown[:10]}")
-        frame = pd.concat([pool.assign(split="pool"), test.assign(split="test")])
+        frame = pd.concat([train.assign(split="train"), test.assign(split="test")])
     else:
-        frame = pool.assign(split="pool")
+        frame = train.assign(split="train")
         for name, rows in frame.groupby("class_name"):
             mask = holdout_mask(rows["path"].tolist(), params.holdout_share, params.seed, name)
             frame.loc[rows.index[mask], "split"] = "test"

@@ -41,12 +41,13 @@ class LoadParams(BaseModel):
 @stage_task("load")
 def load_class(store: RunStore, folder: str, scope: str, params: LoadParams,
                upstream: list[ArtifactRef]) -> dict[str, Any]:
-    """Validate one class's pool images from their bytes and headers; report every skipped
-    file and why. Pixels are not decoded here: at ImageNet scale a decode costs more than the
-    read, and the embed stage decodes every image anyway (and lists those that fail there)."""
+    """Validate one class's training images (its train split) from their bytes and headers;
+    report every skipped file and why. Pixels are not decoded here: at ImageNet scale a decode
+    costs more than the read, and the embed stage decodes every image anyway (and lists those
+    that fail there)."""
     (dataset,) = upstream
     rows = store.read_parquet(f"{dataset.folder}/classes/{scope}.parquet")
-    rows = rows[rows["split"] == "pool"]
+    rows = rows[rows["split"] == "train"]
     kept, skipped, seen = [], [], {}
     for path in tqdm(rows["path"], desc=f"load {scope}", unit="img", leave=False):
         data = read_bytes(path, store.storage_options)

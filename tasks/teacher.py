@@ -1,5 +1,6 @@
 """The teacher stage: the soft-label teacher of a run (a packaged ImageNet-1K classifier, one
-trained on the real pool, or a given checkpoint), and its reader for the evaluate stage."""
+trained on the real training images, or a given checkpoint), and its reader for the evaluate
+stage."""
 
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ def _class_names(dataset: ArtifactRef) -> list[str]:
     return [name for name, _, _ in dataset.meta["classes"]]
 
 
-class PoolFiles(TrainingSet):
-    """The real pool as a training set streamed from its files, never held whole.
+class TrainingFiles(TrainingSet):
+    """The real training images (every class's train split) as a training set streamed from
+    their files, never held whole.
 
     Each epoch reads the files in a new order (drawn from torch's generator, as an in-memory
     set's) through the embed stage's DataLoader: decode workers on CUDA, each file decoded and
     resized to its centre square at ``size`` px, one batch at a time, so memory is a few batches
-    whatever the pool's size (ImageNet-1K's pool decoded would be hundreds of GB). The price is
+    whatever the train split's size (ImageNet-1K's decoded would be hundreds of GB). The price is
     a decode of every file every epoch, as any ImageNet training pays. A file that fails to
     decode, or whose bytes differ from the load stage's ``sha256``, is skipped and reported
     once; ``len()`` counts the files load validated.
@@ -69,17 +71,18 @@ class PoolFiles(TrainingSet):
             if batch.indices:
                 yield batch.pixels, self.labels[order[batch.indices]]
         if len(failed) == len(files):
-            raise ValueError(f"teacher pool: none of its {len(files)} images can be read "
-                             f"(e.g. {failed[:3]})")
+            raise ValueError(f"teacher training images: none of its {len(files)} images can be "
+                             f"read (e.g. {failed[:3]})")
         if new := sorted(set(failed) - self.reported):
             self.reported.update(new)
-            stage_logger().warning("teacher pool: skipped %d unreadable or changed images, "
-                                   "e.g. %s", len(new), new[:3])
+            stage_logger().warning("teacher training images: skipped %d unreadable or changed "
+                                   "images, e.g. %s", len(new), new[:3])
 
 
 class TeacherParams(BaseModel):
     # An ImageNet-1K classifier of gridistill.models.IMAGENET_CLASSIFIERS (packaged weights, or
-    # `checkpoint`), or a student architecture trained on the pool (or loaded from `checkpoint`).
+    # `checkpoint`), or a student architecture trained on the train split (or loaded from
+    # `checkpoint`).
     architecture: str = "resnet18"
     checkpoint: str | None = None
     protocol: str = "cpu-small"  # a hard-label preset trains the teacher
@@ -104,13 +107,13 @@ def teacher_summary(meta: dict[str, Any]) -> str:
 
 
 @stage_task("teacher")
-def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: TeacherParams,
-                          upstream: list[ArtifactRef]) -> dict[str, Any]:
+def build_teacher(store: RunStore, folder: str, scope: str, params: TeacherParams,
+                  upstream: list[ArtifactRef]) -> dict[str, Any]:
     """The soft-label teacher: the packaged ImageNet-1K classifier restricted to the dataset's
-    WNIDs, or a network trained on the real pool by the same training loop, or the given
-    checkpoint after checking its class order against the dataset's. It trains on the pool
-    images the load stage validated (``upstream``: the dataset, then every class's load ref),
-    streamed from their files each epoch (:class:`PoolFiles`).
+    WNIDs, or a network trained on the real training images by the same training loop, or the
+    given checkpoint after checking its class order against the dataset's. It trains on the
+    training images the load stage validated (``upstream``: the dataset, then every class's
+    load ref), streamed from their files each epoch (:class:`TrainingFiles`).
     Its top-1 on the real test images is measured here, for the report."""
     dataset, *loaded = upstream
     names = _class_names(dataset)
@@ -129,10 +132,11 @@ def train_teacher_on_pool(store: RunStore, folder: str, scope: str, params: Teac
                 teacher = load_teacher(given, names)
             else:
                 labels_of = {name: label for name, label, _ in dataset.meta["classes"]}
-                pool = pd.concat([store.read_parquet(f"{ref.folder}/images.parquet").assign(
+                train = pd.concat([store.read_parquet(f"{ref.folder}/images.parquet").assign(
                     label=labels_of[ref.scope]) for ref in loaded])
-                files = PoolFiles(store, pool["path"].tolist(), pool["label"].tolist(),
-                                  pool["sha256"].tolist(), params.image_size, params.device)
+                files = TrainingFiles(store, train["path"].tolist(), train["label"].tolist(),
+                                      train["sha256"].tolist(), params.image_size,
+                                      params.device)
                 teacher = train_teacher(
                     files, names, architecture=params.architecture,
                     image_size=params.image_size, protocol=params.protocol,

@@ -1,6 +1,6 @@
 """Soft-label teachers: a packaged ImageNet-1K classifier restricted to the dataset's classes, or
-a student architecture trained on the pool; saving and loading one, and the class-order checks
-that keep its logits aligned with the dataset's labels. Plain torch.
+a student architecture trained on the train split; saving and loading one, and the class-order
+checks that keep its logits aligned with the dataset's labels. Plain torch.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Teacher:
     architecture: str
     class_names: tuple[str, ...]
     image_size: int | None  # None: any input size (the packaged ImageNet classifiers)
-    source: str = "trained on the pool"  # where its weights came from
+    source: str = "trained on the train split"  # where its weights came from
 
 
 class ImageNetSubsetTeacher(nn.Module):
@@ -66,7 +66,7 @@ def check_imagenet_classes(teacher: str, class_names: Sequence[str]) -> None:
         raise ValueError(
             f"teacher {teacher!r} labels ImageNet-1K classes, but {len(unknown)} class(es) are "
             f"not ImageNet WNIDs: {unknown[:10]}. Name the class folders by WNID (or give a "
-            "class list with a wnid column), or train a teacher on the pool "
+            "class list with a wnid column), or train a teacher on the training images "
             "(--teacher resnet18).")
 
 

@@ -2,7 +2,7 @@
 
 A distilled set is worth what a model trained on it scores on real test images. The recipe is
 a preset of :mod:`gridistill.tasks.protocols`; the student one of
-:mod:`gridistill.tasks.students`. The same loop trains a teacher on the real pool.
+:mod:`gridistill.tasks.students`. The same loop trains a teacher on the real training images.
 
 Everything here is plain torch: no workflow framework, no file layout. Images come in as uint8
 (N, 3, H, W) tensors; training images may be grids larger than the student's input size.
@@ -172,8 +172,8 @@ def fit_student(
     """Train ``model`` in place; returns (per-epoch history, training images per second).
 
     Each epoch takes ``train_set.batches(settings.batch_size)``: an in-memory set (a distilled
-    one) or a stream of files (the real pool); every batch moves to the device (a no-op for a
-    set already there), is augmented per image, normalised, optionally CutMixed, and
+    one) or a stream of files (the real training images); every batch moves to the device (a
+    no-op for a set already there), is augmented per image, normalised, optionally CutMixed, and
     (``teacher`` given) labelled by one batched teacher forward pass on exactly the crops the
     student sees. ``on_epoch_end(epoch)`` may return extra history fields (the evaluation);
     its time is not counted as training time.
@@ -331,7 +331,7 @@ def train_and_evaluate(
 
 
 def train_teacher(
-    pool: TrainingSet,
+    train_set: TrainingSet,
     class_names: Sequence[str],
     *,
     architecture: str = "resnet18",
@@ -342,8 +342,8 @@ def train_teacher(
     device: str = "cpu",
     progress: bool = True,
 ) -> Teacher:
-    """Train a teacher on the real training split (``pool``: in memory, or streamed from its
-    files) with the same loop, hard labels.
+    """Train a teacher on the real training split (``train_set``: in memory, or streamed
+    from its files) with the same loop, hard labels.
 
     ``protocol`` supplies the optimiser, schedule and augmentation and must use hard labels;
     ``epochs`` and the batch size default to the protocol's values for a set of this many
@@ -353,16 +353,16 @@ def train_teacher(
     if preset.labels != "hard":
         raise ValueError(f"a teacher is trained with hard labels; {protocol!r} needs a "
                          "teacher itself")
-    images_per_class = max(1, len(pool) // len(class_names))
+    images_per_class = max(1, len(train_set) // len(class_names))
     settings = TrainSettings(
         protocol=protocol, student=architecture, image_size=image_size, grid_size=None,
         epochs=epochs if epochs is not None else preset.epochs_for(images_per_class),
-        batch_size=min(preset.batch_for(images_per_class), len(pool)),
+        batch_size=min(preset.batch_for(images_per_class), len(train_set)),
         lr=preset.lr_for(architecture), ipc=images_per_class, seed=seed, device=device,
     )
     with seeded(seed, torch.device(device)):
         model = build_student(architecture, len(class_names), image_size)
-        fit_student(model, pool, preset, settings, progress=progress)
+        fit_student(model, train_set, preset, settings, progress=progress)
     return Teacher(model.eval(), architecture, tuple(class_names), image_size)
 
 

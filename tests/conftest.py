@@ -59,7 +59,7 @@ def write_image_folder(root: Path, per_class: int, seed_offset: int = 0) -> Path
 
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> dict[str, Path]:
-    """3 classes: 12 pool images and 6 test images each, 32 px."""
+    """3 classes: 12 training images and 6 test images each, 32 px."""
     return {"train": write_image_folder(tmp_path / "train", 12),
             "test": write_image_folder(tmp_path / "test", 6, seed_offset=500)}
 

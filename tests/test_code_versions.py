@@ -21,12 +21,12 @@ from gridistill.tasks.grids import assemble_class_grids
 from gridistill.tasks.load import load_class
 from gridistill.tasks.refine import refine_class
 from gridistill.tasks.select import select_class
-from gridistill.tasks.teacher import train_teacher_on_pool
+from gridistill.tasks.teacher import build_teacher
 from gridistill.tasks.test_split import decode_test_split
 
 STAGES = {task.name: task.fn.compute for task in (
     load_class, decode_test_split, embed_class, select_class, assemble_class_grids,
-    enhance_class, refine_class, train_teacher_on_pool, evaluate_grids)}
+    enhance_class, refine_class, build_teacher, evaluate_grids)}
 
 
 def real_source(module: str) -> str:

@@ -333,11 +333,12 @@ def test_working_resolution_keeps_every_crop_at_least_crop_size(protocol: str, c
     assert narrowest >= crop_size - 1  # the crop window's side is rounded to whole pixels
 
 
-def test_the_teacher_stage_trains_on_the_pool_streamed_a_batch_at_a_time(tiny_dataset, tmp_path,
-                                                                         monkeypatch):
-    """The pool is read from its files through the DataLoader, each epoch, and never held whole:
-    when fit_student takes a batch, at most that batch has been decoded beyond what it already
-    consumed (no decode workers on CPU, so no prefetch). A file changed since load is skipped."""
+def test_the_teacher_stage_streams_the_train_split_a_batch_at_a_time(tiny_dataset, tmp_path,
+                                                                     monkeypatch):
+    """The training images are read from their files through the DataLoader, each epoch, and
+    never held whole: when fit_student takes a batch, at most that batch has been decoded
+    beyond what it already consumed (no decode workers on CPU, so no prefetch). A file changed
+    since load is skipped."""
     import gridistill.tasks.teacher as stage
     import gridistill.tasks.training as training
     from gridistill.stages import ArtifactRef
@@ -360,7 +361,7 @@ def test_the_teacher_stage_trains_on_the_pool_streamed_a_batch_at_a_time(tiny_da
         store.write_parquet(f"load/{name}/images.parquet",
                             pd.DataFrame({"path": files[name], "sha256": sha}))
         loaded.append(ArtifactRef(stage="load", scope=name, key="k", folder=f"load/{name}"))
-    pool_size = sum(len(paths) for paths in files.values()) - 1
+    train_size = sum(len(paths) for paths in files.values()) - 1
 
     counts = {"decoded": 0, "served": 0}
     held, sets, shapes = [], [], set()
@@ -394,24 +395,24 @@ def test_the_teacher_stage_trains_on_the_pool_streamed_a_batch_at_a_time(tiny_da
     monkeypatch.setattr(training, "fit_student", watched_fit)
     params = stage.TeacherParams(architecture="convnet_d3", image_size=16, epochs=2,
                                  progress=False)
-    meta = stage.train_teacher_on_pool.fn.compute(store, "teacher/all/k", "all", params,
-                                                  [dataset, *loaded])
-    [pool] = sets
-    assert isinstance(pool, stage.PoolFiles) and len(pool) == pool_size + 1
+    meta = stage.build_teacher.fn.compute(store, "teacher/all/k", "all", params,
+                                          [dataset, *loaded])
+    [train_set] = sets
+    assert isinstance(train_set, stage.TrainingFiles) and len(train_set) == train_size + 1
     batch = get_protocol("cpu-small").batch_for(12)
-    assert len(held) == 2 * math.ceil(pool_size / batch)
-    assert 0 < max(held) <= batch  # the old in-memory pool: the whole pool before batch one
-    assert counts == {"decoded": 2 * pool_size, "served": 2 * pool_size}  # re-read per epoch
+    assert len(held) == 2 * math.ceil(train_size / batch)
+    assert 0 < max(held) <= batch  # the old in-memory set: every image before batch one
+    assert counts == {"decoded": 2 * train_size, "served": 2 * train_size}  # re-read per epoch
     assert shapes == {(torch.uint8, (3, 16, 16))}
-    assert pool.reported == {files[names[0]][0]}
+    assert train_set.reported == {files[names[0]][0]}
     assert store.exists("teacher/all/k/teacher.safetensors") and meta["test_image_size"] == 16
 
 
-def test_a_teacher_pool_with_no_readable_image_is_an_error(tmp_path):
+def test_teacher_training_images_with_none_readable_are_an_error(tmp_path):
     from gridistill.storage import RunStore
-    from gridistill.tasks.teacher import PoolFiles
+    from gridistill.tasks.teacher import TrainingFiles
 
-    pool = PoolFiles(RunStore(str(tmp_path)), [str(tmp_path / "gone.png")] * 2, [0, 1],
-                     ["0" * 64] * 2, size=16)
+    train_set = TrainingFiles(RunStore(str(tmp_path)), [str(tmp_path / "gone.png")] * 2, [0, 1],
+                              ["0" * 64] * 2, size=16)
     with pytest.raises(ValueError, match="none of its 2 images"):
-        list(pool.batches(4))
+        list(train_set.batches(4))

@@ -113,6 +113,24 @@ def test_load_stage_reads_headers_and_never_decodes_pixels(tiny_dataset, tmp_pat
     assert images["sha256"].str.fullmatch("[0-9a-f]{64}").all()
 
 
+def test_index_marks_the_train_and_test_splits(tiny_dataset, tmp_path):
+    """A class's real training images are its train split (``split="train"``), what load reads;
+    test images, given or held out, are ``split="test"``."""
+    from gridistill.stages import StoreSpec
+    from gridistill.storage import RunStore
+    from gridistill.tasks.index import IndexParams, index_dataset
+
+    store = StoreSpec(root=str(tmp_path / "run"))
+    given = index_dataset.fn(store, IndexParams(data=str(tiny_dataset["train"]),
+                                                test_data=str(tiny_dataset["test"])))
+    assert given.meta["counts"] == {"train": 36, "test": 18}
+    rows = RunStore(store.root).read_parquet(f"{given.folder}/classes/gamma.parquet")
+    assert rows.groupby("split").size().to_dict() == {"train": 12, "test": 6}
+    held_out = index_dataset.fn(store, IndexParams(data=str(tiny_dataset["train"])))
+    assert set(held_out.meta["counts"]) == {"train", "test"}
+    assert sum(held_out.meta["counts"].values()) == 36
+
+
 def test_probe_reads_the_header_only():
     from gridistill.tasks.ingest import probe_image
 

@@ -305,7 +305,7 @@ def test_fewer_images_than_one_grid_warns_and_still_fills():
     assert grid.size == 9 and set(grid.tolist()) == set(range(5))
 
 
-# --- kNN coverage for large pools ---------------------------------------------------------------
+# --- kNN coverage for many candidates ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("count", [1, 5, 64])
@@ -393,7 +393,7 @@ def test_knn_path_allocates_nothing_of_size_m_squared():
     assert peak < num_images * num_images * 4 / 4  # a dense float32 kernel would be 144 MB
 
 
-def test_coverage_defaults_to_knn_for_large_pools(monkeypatch):
+def test_coverage_defaults_to_knn_for_many_candidates(monkeypatch):
     chosen = []
     original = solvers._NeighbourCoverage.__init__
 

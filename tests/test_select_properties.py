@@ -1,5 +1,5 @@
 """Hypothesis checks that the two set-function terms of SSDIM are monotone and submodular,
-and that the kNN coverage gains of large pools are lower bounds on the exact ones that shrink.
+and that the kNN coverage gains on many candidates are lower bounds on the exact ones that shrink.
 
 Both terms are evaluated through ``ssdim_objective`` (one term switched on at a time), so these
 check the library's objective, not a re-implementation.
