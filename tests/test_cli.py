@@ -13,13 +13,15 @@ from gridistill.choices import SelectionMethod
 from gridistill.cli import build_parser, check_locations, config_from_args, main
 from gridistill.config import DistillConfig, demo_data_root
 from gridistill.refine_options import DiverOptions
+from gridistill.select_options import SsdimWeights
 
 
 def test_help_lists_every_flow_parameter(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--help"])
     text = capsys.readouterr().out
-    names = [*DistillConfig.model_fields.keys() - {"diver"}, *DiverOptions.model_fields]
+    names = [*DistillConfig.model_fields.keys() - {"diver", "ssdim"}, *DiverOptions.model_fields,
+             *SsdimWeights.model_fields]
     for name in names:
         assert "--" + name.replace("_", "-") + " " in text
 
