@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env |= {"PREFECT_API_URL": api_url, "PREFECT_HOME": f"{home}/client",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GRIDISTILL_SOURCE_DIR": str(REPO),
-                "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+                "HF_HUB_OFFLINE": "1"}
         log_path = Path(home) / "server.log"
         with open(log_path, "w") as log:
             # The UI asks PREFECT_SERVER_API_PORT for its API: it must equal --port.

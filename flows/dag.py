@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from gridistill.config import DistillConfig, Stage
 from gridistill.stages import ArtifactRef, StoreSpec
+from gridistill.tasks.index import class_names
 
 if TYPE_CHECKING:
     from gridistill.tasks.embed import EmbedderChoice
@@ -294,10 +295,6 @@ def build_dag(config: DistillConfig) -> Dag:
                           (DATASET, "test-split", *teacher, trained_on),
                           partial(_evaluate, method=method), scope=name))
     return Dag(config, tuple(nodes))
-
-
-def class_names(dataset: ArtifactRef) -> list[str]:
-    return [name for name, _, _ in dataset.meta["classes"]]
 
 
 def class_refs(dataset: ArtifactRef, classes: Sequence[str]) -> dict[str, ArtifactRef]:

@@ -16,13 +16,13 @@ from gridistill.config import DistillConfig
 from gridistill.flows.dag import (
     Setup,
     build_dag,
-    class_names,
     collect,
     index_and_check,
     report_run,
     submit,
 )
 from gridistill.stages import StoreSpec
+from gridistill.tasks.index import class_names
 
 
 # No flow or task persists its result: Prefect would pickle it (see gridistill/stages.py).

@@ -55,7 +55,6 @@ from gridistill.flows.dag import (
     Refs,
     Setup,
     build_dag,
-    class_names,
     collect,
     index_and_check,
     report_run,
@@ -63,6 +62,7 @@ from gridistill.flows.dag import (
 )
 from gridistill.runners import build_task_runner
 from gridistill.stages import ArtifactRef, StoreSpec
+from gridistill.tasks.index import class_names
 
 
 class GPUUnavailableError(RuntimeError):

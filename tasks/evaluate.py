@@ -14,8 +14,9 @@ from pydantic import BaseModel
 
 from gridistill.stages import ArtifactRef, NotInKey, stage_task
 from gridistill.storage import RunStore
+from gridistill.tasks.index import class_names
 from gridistill.tasks.protocols import get_protocol
-from gridistill.tasks.teacher import _class_names, read_teacher
+from gridistill.tasks.teacher import read_teacher
 from gridistill.tasks.test_split import _square_pixels, read_test_split, student_test_size
 from gridistill.tasks.training import train_and_evaluate_seeds
 from gridistill.tasks.transforms import training_crop_size, working_resolution
@@ -78,7 +79,7 @@ def evaluate_grids(store: RunStore, folder: str, scope: str, params: EvalParams,
         seeds=[params.seed + i for i in range(params.seeds)], num_classes=params.num_classes,
         student=params.student, protocol=params.protocol, grid_size=params.grid_size,
         image_size=params.image_size, epochs=params.epochs, ipc=params.ipc, teacher=teacher,
-        class_names=_class_names(dataset) if teacher else None, device=params.device,
+        class_names=class_names(dataset) if teacher else None, device=params.device,
         progress=params.progress)
     history = pd.DataFrame([dict(row, seed=run_seed) for run_seed, run in
                             zip(range(params.seed, params.seed + params.seeds), result["runs"],

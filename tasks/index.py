@@ -12,6 +12,11 @@ from gridistill.storage import content_key
 from gridistill.tasks.ingest import holdout_mask, read_class_list, resolve_classes, scan_samples
 
 
+def class_names(dataset: ArtifactRef) -> list[str]:
+    """The class names of the index's dataset ref, in label order."""
+    return [name for name, _, _ in dataset.meta["classes"]]
+
+
 class IndexParams(BaseModel):
     data: str
     test_data: str | None = None

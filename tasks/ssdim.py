@@ -949,6 +949,8 @@ def ssdim(
         coverage = "knn" if num_images >= KNN_FROM_IMAGES and not dense_kernel else "exact"
     if coverage == "knn" and dense_kernel:
         raise ValueError("kNN coverage never forms the dense kernel; leave dense_kernel unset")
+    if coverage == "knn" and solver == "algorithm1":
+        raise ValueError("solver 'algorithm1' needs exact coverage; pass coverage='exact'")
     if dense_kernel is None:
         dense_kernel = coverage == "exact" and num_images < KNN_FROM_IMAGES
     if device == "auto":
@@ -970,7 +972,5 @@ def ssdim(
         if solver == "greedy":
             return _plain_greedy(objective, k, surrogate)[0]
         if solver == "algorithm1":
-            if surrogate is not None:
-                raise ValueError("solver 'algorithm1' needs exact coverage; pass coverage='exact'")
             return _algorithm1(objective, projections, k)
         return _three_stage(objective, projections, k, seed, surrogate)

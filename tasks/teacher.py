@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from gridistill.stages import ArtifactRef, NotInKey, stage_logger, stage_task
 from gridistill.storage import RunStore
 from gridistill.tasks.embed import ImageFiles, default_num_workers, image_loader
+from gridistill.tasks.index import class_names
 from gridistill.tasks.teachers import (
     Teacher,
     check_class_order,
@@ -28,10 +29,6 @@ from gridistill.tasks.teachers import (
 )
 from gridistill.tasks.test_split import _square_pixels, decode_images
 from gridistill.tasks.training import TrainingSet, evaluate_top1, train_teacher
-
-
-def _class_names(dataset: ArtifactRef) -> list[str]:
-    return [name for name, _, _ in dataset.meta["classes"]]
 
 
 class TrainingFiles(TrainingSet):
@@ -116,7 +113,7 @@ def build_teacher(store: RunStore, folder: str, scope: str, params: TeacherParam
     load ref), streamed from their files each epoch (:class:`TrainingFiles`).
     Its top-1 on the real test images is measured here, for the report."""
     dataset, *loaded = upstream
-    names = _class_names(dataset)
+    names = class_names(dataset)
     with tempfile.TemporaryDirectory() as scratch:
         if _is_imagenet_classifier(params.architecture):
             teacher = imagenet_teacher(params.architecture, names, params.checkpoint,
@@ -162,10 +159,10 @@ def read_teacher(store: RunStore, ref: ArtifactRef, dataset: ArtifactRef, device
     """The teacher of ``ref``, its class order checked against the dataset's."""
     if store.exists(f"{ref.folder}/teacher.json"):
         meta = json.loads(store.read_bytes(f"{ref.folder}/teacher.json"))
-        check_class_order(meta["class_names"], _class_names(dataset))
+        check_class_order(meta["class_names"], class_names(dataset))
         return imagenet_teacher(meta["architecture"], meta["class_names"], meta["checkpoint"],
                                 device=device)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "teacher.safetensors"
         path.write_bytes(store.read_bytes(f"{ref.folder}/teacher.safetensors"))
-        return load_teacher(path, _class_names(dataset), device=device)
+        return load_teacher(path, class_names(dataset), device=device)

@@ -164,6 +164,9 @@ def test_dockerfiles_pin_install_constraints_and_run_as_non_root(kind):
     assert ":" in base and "latest" not in base
     installs = [arg for op, arg in steps if op == "RUN" and "pip install" in arg]
     assert installs and all("-c constraints.txt" in arg for arg in installs)
+    # Flows run from the source directory, whose gridistill/ shadows an installed copy; only an
+    # editable install maps tasks/, flows/ and deployments/ into it.
+    assert all(" -e " in f" {arg} " for arg in installs)
     users = [arg.strip() for op, arg in steps if op == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert [op for op, _ in steps][-1] == "CMD"

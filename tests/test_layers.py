@@ -36,6 +36,8 @@ def imported(path: Path) -> set[str]:
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            if node.module == "gridistill":  # `from gridistill import flows`
+                names |= {f"gridistill.{alias.name}" for alias in node.names}
     return {name for name in names if name.split(".")[0] == "gridistill"}
 
 
