@@ -726,6 +726,24 @@ def _swap_passes(
 # ---------------------------------------------------------------------------------------------
 
 
+def _logdet_gradient(projections: np.ndarray, x: np.ndarray, eps: float) -> np.ndarray:
+    """Gradient in ``x`` of ``logdet(eps I_r + Z^T diag(x) Z)``, ``Z`` = ``projections``: each
+    row's leverage ``z_i^T (eps I + Z^T diag(x) Z)^-1 z_i``."""
+    design = eps * np.eye(projections.shape[1]) + projections.T @ (x[:, None] * projections)
+    leverage = scipy.linalg.cho_solve(
+        scipy.linalg.cho_factor(design, check_finite=False), projections.T, check_finite=False,
+    )
+    return np.einsum("ij,ji->i", projections, leverage)
+
+
+def _step_to_top_k(x: np.ndarray, gradient: np.ndarray, k: int, step: int) -> None:
+    """One Frank-Wolfe step in place on ``{x in [0, 1]^M, sum x = k}``: towards the indicator
+    of the ``k`` largest gradient entries (the linear maximiser), step ``2 / (step + 2)``."""
+    vertex = np.zeros(x.size)
+    vertex[np.argpartition(-gradient, k - 1)[:k]] = 1.0
+    x += 2.0 / (step + 2.0) * (vertex - x)
+
+
 def _frank_wolfe(
     objective: _Objective,
     projections: np.ndarray,
@@ -755,24 +773,17 @@ def _frank_wolfe(
     """
     alpha, beta, gamma = objective.weights
     energy, eps = objective.energy, objective.eps
-    size, rank = projections.shape
+    size = projections.shape[0]
     anchor_rows = np.sort(rng.choice(size, size=min(size, anchors), replace=False))
     affinity = np.exp((objective.kernel.rows(anchor_rows).astype(np.float64) - 1.0) / temperature)
     coverage_scale = alpha * temperature * size / anchor_rows.size
     x = np.full(size, k / size)
     for step in range(sum(iterations)):
         gradient = coverage_scale * ((1.0 / (affinity @ x)) @ affinity)
-        design = eps * np.eye(rank) + projections.T @ (x[:, None] * projections)
-        leverage = scipy.linalg.cho_solve(
-            scipy.linalg.cho_factor(design, check_finite=False), projections.T,
-            check_finite=False,
-        )
-        gradient += beta * np.einsum("ij,ji->i", projections, leverage)
+        gradient += beta * _logdet_gradient(projections, x, eps)
         if step >= iterations[0]:
             gradient += gamma * energy
-        vertex = np.zeros(size)
-        vertex[np.argpartition(-gradient, k - 1)[:k]] = 1.0
-        x += 2.0 / (step + 2.0) * (vertex - x)
+        _step_to_top_k(x, gradient, k, step)
     return x
 
 
@@ -858,20 +869,13 @@ def _algorithm1(
     """
     alpha, beta, gamma = objective.weights
     embeddings = objective.kernel.embeddings.astype(np.float64)
-    size, rank = projections.shape
+    size = projections.shape[0]
     x = np.full(size, k / size)
     for step in range(iterations):
         gradient = alpha * (embeddings @ (embeddings.T @ x)) + gamma * objective.energy
         if beta:
-            design = objective.eps * np.eye(rank) + projections.T @ (x[:, None] * projections)
-            leverage = scipy.linalg.cho_solve(
-                scipy.linalg.cho_factor(design, check_finite=False), projections.T,
-                check_finite=False,
-            )
-            gradient += beta * np.einsum("ij,ji->i", projections, leverage)
-        vertex = np.zeros(size)
-        vertex[np.argpartition(-gradient, k - 1)[:k]] = 1.0
-        x += 2.0 / (step + 2.0) * (vertex - x)
+            gradient += beta * _logdet_gradient(projections, x, objective.eps)
+        _step_to_top_k(x, gradient, k, step)
     rounded = np.argsort(-x, kind="stable")[:k]
     return _swap_passes(objective, rounded, np.arange(size), _min_swap_gain(objective, k))
 
