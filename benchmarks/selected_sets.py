@@ -2,11 +2,13 @@
 
 For every class of the cached EfficientNet-Lite0 embeddings (``benchmarks/cache``, written by
 ``benchmarks/distill_imagenette.py``), IPC grids of L x L images are selected one grid after
-another, as the benchmark's ``<selector>-grid`` methods do. Printed per method, averaged over
-the classes: seconds per class, the SSDIM objective of the first grid (the paper's weights)
-and each of its terms, the mean cosine of the selected images to the class centroid (how
-typical they are), and how many of the ``IPC x L^2`` images the default solver (``ssdim``,
-``solver="fw"``) also selects.
+another, as the benchmark's ``<selector>-grid`` methods do, or at once (``-joint``). Printed
+per method, averaged over the classes: seconds per class, the SSDIM objective of the first
+grid (the paper's weights) and each of its terms, and of all ``IPC x L^2`` selected images:
+the mean cosine to the class centroid (how typical they are), the mean cosine of each to its
+nearest other selected image (how redundant they are), the mean over the class of each
+image's largest cosine to a selected one (how well they cover the class), and how many the
+default solver (``ssdim``, ``solver="fw"``, one grid after another) also selects.
 
 Usage: python benchmarks/selected_sets.py [--ipc 10] [--grid-size 4] [--cache PATH]
 """
@@ -27,16 +29,21 @@ from gridistill.tasks.ssdim import normalise_embeddings, ssdim, ssdim_objective,
 CACHE = Path(__file__).resolve().parent / "cache"
 
 
-def methods() -> dict[str, object]:
+def methods() -> dict[str, tuple[object, str]]:
+    """Name: (selector, grid selection)."""
     return {
-        "random": "random",
-        "ssdim (fw, default)": "ssdim",
-        "ssdim algorithm1": lambda unit, k, seed: ssdim(unit, k, seed=seed, solver="algorithm1"),
-        "coverage only [1,0,0]": "facility",
-        "log-det only [0,1,0]": "logdet",
-        "spectral only [0,0,1]": partial(weighted_ssdim, (0.0, 0.0, 1.0)),
-        "herding": "herding",
-        "kcenter": "kcenter",
+        "random": ("random", "sequential"),
+        "ssdim (fw, default)": ("ssdim", "sequential"),
+        "ssdim algorithm1": (lambda unit, k, seed: ssdim(unit, k, seed=seed, solver="algorithm1"),
+                             "sequential"),
+        "coverage only [1,0,0]": ("facility", "sequential"),
+        "log-det only [0,1,0]": ("logdet", "sequential"),
+        "spectral only [0,0,1]": (partial(weighted_ssdim, (0.0, 0.0, 1.0)), "sequential"),
+        "herding": ("herding", "sequential"),
+        "kcenter": ("kcenter", "sequential"),
+        "ssdim-joint": ("ssdim", "joint"),
+        "facility-joint": ("facility", "joint"),
+        "kmeans-joint": ("kmeans", "joint"),
     }
 
 
@@ -56,29 +63,36 @@ def main() -> None:
     rows: dict[str, list[list[float]]] = {name: [] for name in methods()}
     for name in classes.files:
         unit = normalise_embeddings(classes[name])
+        kernel = unit.astype(np.float64) @ unit.T.astype(np.float64)
         centroid = unit.mean(axis=0) / np.linalg.norm(unit.mean(axis=0))
         chosen = {}
-        for method, selector in methods().items():
+        for method, (selector, grid_selection) in methods().items():
             started = time.perf_counter()
-            grids = select_grids(selector, unit, args.ipc, cells, seed=0)
+            grids = select_grids(selector, unit, args.ipc, cells, seed=0,
+                                 grid_selection=grid_selection)
             seconds = time.perf_counter() - started
-            chosen[method] = np.concatenate(grids)
+            selected = chosen[method] = np.concatenate(grids)
+            among = kernel[np.ix_(selected, selected)]
+            np.fill_diagonal(among, -np.inf)
             terms = ssdim_terms(unit, grids[0])
             rows[method].append([seconds, ssdim_objective(unit, grids[0]), terms["coverage"],
                                  terms["logdet"], terms["spectral"],
-                                 float((unit[chosen[method]] @ centroid).mean())])
+                                 float((unit[selected] @ centroid).mean()),
+                                 float(among.max(axis=1).mean()),
+                                 float(kernel[:, selected].max(axis=1).mean())])
         for method in methods():
             shared = np.intersect1d(chosen[method], chosen["ssdim (fw, default)"]).size
             rows[method][-1].append(shared)
     print(f"# {path.name}: {len(classes.files)} classes, IPC {args.ipc}, {cells} images a grid,"
-          f" grids one after another; means over the classes")
+          f" grids one after another unless -joint; means over the classes")
     print("| method | s / class | F (grid 1) | coverage | log-det | spectral | centroid cos |"
+          " nearest selected cos | class coverage |"
           f" shared with ssdim (of {args.ipc * cells}) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, values in rows.items():
         mean = np.mean(values, axis=0)
         print(f"| {method} | {mean[0]:.2f} | {mean[1]:.1f} | {mean[2]:.1f} | {mean[3]:.1f} | "
-              f"{mean[4]:.2f} | {mean[5]:.3f} | {mean[6]:.0f} |")
+              f"{mean[4]:.2f} | {mean[5]:.3f} | {mean[6]:.3f} | {mean[7]:.3f} | {mean[8]:.0f} |")
 
 
 if __name__ == "__main__":
