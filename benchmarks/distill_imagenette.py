@@ -16,7 +16,9 @@ Methods (one distilled image per slot, ``IPC`` images per class at 224 px in eve
   ``herding``, ``ssdim``, ...), one grid after another from what is left of the class (the paper);
   ``<selector>-joint-grid``: all IPC x L x L images in one selection, dealt into grids;
 - ``ssdim[a,b,c]-grid``: SSDIM with weights (alpha, beta, gamma) = (a, b, c), sequential
-  (the paper's Table 6; ``ssdim[0,0,0]`` is random grids there and here).
+  (the paper's Table 6; ``ssdim[0,0,0]`` is random grids there and here);
+- ``<grid method>@s``: that method on each class's most typical share ``s`` only
+  (``select_grids(..., typical_share=s)``), e.g. ``ssdim-grid@0.5``.
 
 Labels: ``hard`` trains with the ``cpu-small`` protocol, ``teacher`` with ``cpu-soft`` (soft
 labels from the packaged ImageNet-1K EfficientNet-Lite0 on every training crop). Rows are
@@ -35,7 +37,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,7 @@ class Method:
     selector: Any = None  # gridistill.tasks.selectors selector name or callable; None: real images
     grid_selection: str = "sequential"
     uses_embeddings: bool = False  # False: the same set under every embedder
+    typical_share: float = 1.0
 
 
 def parse_method(name: str) -> Method:
@@ -149,6 +152,14 @@ def parse_method(name: str) -> Method:
 
     if name in (REAL_METHOD, FULL_METHOD):
         return Method(name)
+    if "@" in name:
+        base, share = name.rsplit("@", 1)
+        method = parse_method(base)
+        if method.selector is None or not 0 < float(share) <= 1:
+            raise SystemExit(f"method {name!r}: use <grid method>@s with s in (0, 1]")
+        # Which images are typical depends on the embedder, for random grids too.
+        return replace(method, name=name, uses_embeddings=True,
+                                   typical_share=float(share))
     if not name.endswith("-grid"):
         raise SystemExit(f"unknown method {name!r}: use {REAL_METHOD}, {FULL_METHOD}, "
                          "<selector>-grid, <selector>-joint-grid or ssdim[a,b,c]-grid")
@@ -224,7 +235,8 @@ def distil(method: Method, train: Split, embeddings: dict[int, np.ndarray], ipc:
         else:
             for grid in select_grids(method.selector, class_embeddings, ipc,
                                      config.grid_size**2, seed=seed,
-                                     grid_selection=method.grid_selection):
+                                     grid_selection=method.grid_selection,
+                                     typical_share=method.typical_share):
                 cell_images = [load_rgb(class_paths[i]) for i in grid]
                 images.append(assemble_grid(cell_images, config.grid_size, config.resolution))
         targets += [label] * ipc

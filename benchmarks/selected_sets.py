@@ -8,7 +8,8 @@ grid (the paper's weights) and each of its terms, and of all ``IPC x L^2`` selec
 the mean cosine to the class centroid (how typical they are), the mean cosine of each to its
 nearest other selected image (how redundant they are), the mean over the class of each
 image's largest cosine to a selected one (how well they cover the class), and how many the
-default solver (``ssdim``, ``solver="fw"``, one grid after another) also selects.
+default solver (``ssdim``, ``solver="fw"``, one grid after another) also selects. ``@s``: from
+each class's most typical share ``s`` only (``select_grids(..., typical_share=s)``).
 
 Usage: python benchmarks/selected_sets.py [--ipc 10] [--grid-size 4] [--cache PATH]
 """
@@ -29,21 +30,25 @@ from gridistill.tasks.ssdim import normalise_embeddings, ssdim, ssdim_objective,
 CACHE = Path(__file__).resolve().parent / "cache"
 
 
-def methods() -> dict[str, tuple[object, str]]:
-    """Name: (selector, grid selection)."""
+def methods() -> dict[str, tuple[object, str, float]]:
+    """Name: (selector, grid selection, typical share)."""
+    sequential = {
+        "random": "random",
+        "ssdim (fw, default)": "ssdim",
+        "ssdim algorithm1": lambda unit, k, seed: ssdim(unit, k, seed=seed, solver="algorithm1"),
+        "coverage only [1,0,0]": "facility",
+        "log-det only [0,1,0]": "logdet",
+        "spectral only [0,0,1]": partial(weighted_ssdim, (0.0, 0.0, 1.0)),
+        "herding": "herding",
+        "kcenter": "kcenter",
+    }
     return {
-        "random": ("random", "sequential"),
-        "ssdim (fw, default)": ("ssdim", "sequential"),
-        "ssdim algorithm1": (lambda unit, k, seed: ssdim(unit, k, seed=seed, solver="algorithm1"),
-                             "sequential"),
-        "coverage only [1,0,0]": ("facility", "sequential"),
-        "log-det only [0,1,0]": ("logdet", "sequential"),
-        "spectral only [0,0,1]": (partial(weighted_ssdim, (0.0, 0.0, 1.0)), "sequential"),
-        "herding": ("herding", "sequential"),
-        "kcenter": ("kcenter", "sequential"),
-        "ssdim-joint": ("ssdim", "joint"),
-        "facility-joint": ("facility", "joint"),
-        "kmeans-joint": ("kmeans", "joint"),
+        **{name: (selector, "sequential", 1.0) for name, selector in sequential.items()},
+        "ssdim-joint": ("ssdim", "joint", 1.0),
+        "facility-joint": ("facility", "joint", 1.0),
+        "kmeans-joint": ("kmeans", "joint", 1.0),
+        **{f"{name} @{share:g}": (name, "sequential", share)
+           for share in (0.5, 0.3) for name in ("random", "ssdim")},
     }
 
 
@@ -66,10 +71,10 @@ def main() -> None:
         kernel = unit.astype(np.float64) @ unit.T.astype(np.float64)
         centroid = unit.mean(axis=0) / np.linalg.norm(unit.mean(axis=0))
         chosen = {}
-        for method, (selector, grid_selection) in methods().items():
+        for method, (selector, grid_selection, share) in methods().items():
             started = time.perf_counter()
             grids = select_grids(selector, unit, args.ipc, cells, seed=0,
-                                 grid_selection=grid_selection)
+                                 grid_selection=grid_selection, typical_share=share)
             seconds = time.perf_counter() - started
             selected = chosen[method] = np.concatenate(grids)
             among = kernel[np.ix_(selected, selected)]

@@ -115,6 +115,22 @@ def partition_into_grids(
 GRID_SELECTIONS: tuple[str, ...] = ("sequential", "joint")
 
 
+def most_typical(unit_embeddings: np.ndarray, share: float, at_least: int) -> np.ndarray:
+    """The rows of a class's most typical ``share`` (``round(share * M)`` of its ``M`` rows), by
+    cosine to the class's mean direction, in row order; never fewer than ``at_least`` rows (nor
+    more than the class has).
+
+    ``share`` in (0, 1]; 1 keeps every row.
+    """
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    num_images = unit_embeddings.shape[0]
+    keep = min(num_images, max(at_least, round(share * num_images)))
+    centroid = unit_embeddings.mean(axis=0)
+    typicality = unit_embeddings @ (centroid / np.linalg.norm(centroid))
+    return np.sort(np.argsort(-typicality, kind="stable")[:keep])
+
+
 def select_grids(
     method: str | Selector,
     embeddings: np.ndarray,
@@ -123,6 +139,7 @@ def select_grids(
     *,
     seed: int = 0,
     grid_selection: str = "sequential",
+    typical_share: float = 1.0,
 ) -> list[np.ndarray]:
     """``ipc`` grids of ``cells`` images of one class, as row indices of ``embeddings``.
 
@@ -135,6 +152,10 @@ def select_grids(
       left;
     - ``"joint"``: one selection of ``ipc * cells`` images, dealt into grids by
       :func:`partition_into_grids`.
+
+    ``typical_share`` < 1 selects from the class's most typical share only
+    (:func:`most_typical`; never fewer than ``ipc * cells`` images), so that the coverage and
+    log-det terms cannot reach for the class's outliers; 1 (the paper) selects from all of it.
 
     A class with fewer than ``ipc * cells`` images takes the joint path in both modes: all of
     its images are selected and :func:`fill_by_cycling` repeats them (with a warning).
@@ -151,12 +172,13 @@ def select_grids(
         selector = method
     unit = normalise_embeddings(embeddings)
     k, needs_fill = plan_selection(unit.shape[0], ipc, cells)
+    candidates = most_typical(unit, typical_share, ipc * cells)
     if grid_selection == "joint" or needs_fill:
-        order = np.asarray(selector(unit, k, seed), dtype=np.int64)
+        order = candidates[np.asarray(selector(unit[candidates], k, seed), dtype=np.int64)]
         if needs_fill:
             order = fill_by_cycling(order, ipc * cells)
         return partition_into_grids(unit, order, ipc, cells)
-    remaining = np.arange(unit.shape[0])
+    remaining = candidates
     grids = []
     for grid in range(ipc):
         chosen = np.asarray(selector(unit[remaining], cells, seed + grid), dtype=np.int64)

@@ -35,6 +35,7 @@ class SelectParams(BaseModel):
     ipc: int = 1
     grid_size: int = 4
     grid_selection: str = "sequential"
+    typical_share: float = 1.0
     seed: int = 0
     weights: SsdimWeights | None = None  # SSDIM's (None: the paper's); other methods: None
 
@@ -63,12 +64,14 @@ def select_class(store: RunStore, folder: str, scope: str, params: SelectParams,
     # Classes already run in parallel: extra BLAS threads only wait for busy cores (10x slower).
     with threadpool_limits(1):
         grids = select_grids(selector_for(params), vectors, params.ipc, cells, seed=params.seed,
-                             grid_selection=params.grid_selection)
+                             grid_selection=params.grid_selection,
+                             typical_share=params.typical_share)
     # The load stage's sha256 travels with each pick, so grids can refuse a changed file.
     rows = [(g, c, int(table["image_id"].iat[i]), table["path"].iat[i], table["sha256"].iat[i])
             for g, members in enumerate(grids) for c, i in enumerate(members)]
     store.write_parquet(f"{folder}/selection.parquet", pd.DataFrame(
         rows, columns=["grid", "cell", "image_id", "path", "sha256"]))
     return {"method": params.method, "grid_selection": params.grid_selection,
+            "typical_share": params.typical_share,
             "selected": len({i for members in grids for i in members.tolist()}),
             "filled": len(table) < params.ipc * cells}

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from gridistill.tasks.grid_layout import partition_into_grids, select_grids
+from gridistill.tasks.grid_layout import most_typical, partition_into_grids, select_grids
 from gridistill.tasks.selectors import select
+from gridistill.tasks.ssdim import normalise_embeddings
 
 
 @pytest.fixture
@@ -96,3 +97,56 @@ def test_ssdim_weights_go_from_the_command_line_to_ssdims_selector_only(class_em
     paper = select_grids("ssdim", class_embeddings, 2, 16, seed=3)
     np.testing.assert_array_equal(np.concatenate(spectral_only), np.concatenate(expected))
     assert not np.array_equal(np.concatenate(spectral_only), np.concatenate(paper))
+
+
+def test_most_typical_keeps_the_rows_nearest_the_class_mean_direction():
+    rng = np.random.default_rng(1)
+    eye = np.eye(8)
+    # Five groups of four rows at a growing angle from e0, leaning to +-e1 and +-e2 so that
+    # each group cancels sideways: the mean direction is e0 and the first group is nearest it.
+    angles = np.repeat(np.linspace(0.1, 1.4, 5), 4)
+    sideways = np.tile([eye[1], -eye[1], eye[2], -eye[2]], (5, 1))
+    rows = np.cos(angles)[:, None] * eye[0] + np.sin(angles)[:, None] * sideways
+    order = rng.permutation(20)
+    kept = most_typical(rows[order], 0.2, at_least=1)
+    np.testing.assert_array_equal(np.sort(order[kept]), np.arange(4))
+    assert np.all(np.diff(kept) > 0)  # in row order
+    assert len(most_typical(rows, 0.25, at_least=8)) == 8
+    assert len(most_typical(rows, 1.0, at_least=1)) == 20
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="share"):
+            most_typical(rows, share, at_least=1)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "joint"])
+def test_a_typical_share_selects_from_that_share_only(class_embeddings, mode):
+    typical = most_typical(normalise_embeddings(class_embeddings),
+                           0.5, at_least=48)
+    grids = select_grids("ssdim", class_embeddings, 3, 16, seed=2, grid_selection=mode,
+                         typical_share=0.5)
+    chosen = np.concatenate(grids)
+    assert len(np.unique(chosen)) == 48 and set(chosen) <= set(typical)
+    within = select_grids("ssdim", class_embeddings[typical], 3, 16, seed=2,
+                          grid_selection=mode)
+    np.testing.assert_array_equal(chosen, typical[np.concatenate(within)])
+    whole = select_grids("ssdim", class_embeddings, 3, 16, seed=2, grid_selection=mode,
+                         typical_share=1.0)
+    np.testing.assert_array_equal(np.concatenate(whole), np.concatenate(
+        select_grids("ssdim", class_embeddings, 3, 16, seed=2, grid_selection=mode)))
+    assert not set(np.concatenate(whole)) <= set(typical)
+
+
+def test_the_typical_share_reaches_every_grid_method_but_random_real():
+    from gridistill.cli import build_parser, config_from_args
+    from gridistill.flows.dag import Setup, build_dag
+    from gridistill.stages import ArtifactRef
+
+    config = config_from_args(build_parser().parse_args(
+        ["run", "--typical-share", "0.5", "--methods", "ssdim", "random", "random-real"]))
+    dataset = ArtifactRef(stage="dataset", scope="all", key="k", folder="dataset/k",
+                          meta={"classes": [], "num_classes": 10})
+    nodes = {node.label: node for node in build_dag(config).nodes}
+    shares = {method: nodes[f"select:{method}"].bind(Setup(config, "cpu"), dataset)[1]
+              .typical_share for method in ("ssdim", "random", "random-real")}
+    assert shares == {"ssdim": 0.5, "random": 0.5, "random-real": 1.0}
+    assert "most typical 50%" in config.report_summary("efficientnet-lite0", False)["grid"]
