@@ -187,14 +187,18 @@ def _embed(setup: Setup, dataset: ArtifactRef) -> tuple[Any, BaseModel]:
 
 
 def _select(setup: Setup, dataset: ArtifactRef, method: str) -> tuple[Any, BaseModel]:
-    from gridistill.tasks.select import REAL_IMAGES, SelectParams, cells_per_side, select_class
+    from gridistill.tasks.select import (
+        WHOLE_CLASS_METHODS,
+        SelectParams,
+        cells_per_side,
+        select_class,
+    )
 
     config = setup.config
     return select_class, SelectParams(
         method=method, ipc=config.ipc, grid_size=cells_per_side(method, config.grid_size),
         grid_selection=config.grid_selection, seed=config.seed,
-        # random-real is the field's baseline: random photos of the whole class.
-        typical_share=1.0 if method == REAL_IMAGES else config.typical_share,
+        typical_share=1.0 if method in WHOLE_CLASS_METHODS else config.typical_share,
         # Only SSDIM reads them: new weights re-select SSDIM's grids and no other method's.
         weights=config.ssdim if method == "ssdim" else None)
 

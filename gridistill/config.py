@@ -65,9 +65,9 @@ class DistillConfig(BaseModel):
         "sequential: each grid is selected from what earlier grids left of the class (the "
         "paper); joint: IPC x L x L images are selected at once and dealt into grids."))
     typical_share: float = Field(1.0, gt=0.0, le=1.0, description=(
-        "Grid methods select from each class's most typical share of images (cosine to the "
-        "class's mean embedding; 1: all of it, the paper); random-real always draws from the "
-        "whole class."))
+        "Selection methods pick from each class's most typical share of images (cosine to "
+        "the class's mean embedding); 1: all of it, the paper. The random baselines (random, "
+        "random-real) always draw from the whole class."))
     ssdim: SsdimWeights = Field(SsdimWeights(), description=(
         "SSDIM's weights (the paper's by default)"))
     seed: int = Field(0, description="Seed for selection, hold-out split and training.")
@@ -174,8 +174,8 @@ class DistillConfig(BaseModel):
             "ipc": self.ipc, "embedder": embedder,
             "grid": f"{self.grid_size}x{self.grid_size} at {self.grid_resolution}px, "
                     f"{self.grid_selection} selection"
-                    + (f" from each class's most typical {self.typical_share:.0%}"
-                       if self.typical_share < 1 else ""),
+                    + (f" from each class's most typical {self.typical_share:.0%} (random "
+                       "baselines: the whole class)" if self.typical_share < 1 else ""),
             "ssdim weights": f"coverage {self.ssdim.coverage_weight:g}, "
                              f"log-det {self.ssdim.logdet_weight:g}, "
                              f"spectral {self.ssdim.spectral_weight:g}",

@@ -23,6 +23,9 @@ from gridistill.tasks.selectors import Selector, weighted_ssdim
 # The field's random baseline (DD-Ranking's "rdm", the peers' "random"): IPC random photos per
 # class, each stored and trained on as a photo (a 1 x 1 grid), not packed into a grid.
 REAL_IMAGES = "random-real"
+# The random baselines draw from the whole class, as the field's (and the paper's) do: a
+# typical share is part of a selection method, not of the baseline it is compared with.
+WHOLE_CLASS_METHODS = (REAL_IMAGES, "random")
 
 
 def cells_per_side(method: str, grid_size: int) -> int:

@@ -136,17 +136,18 @@ def test_a_typical_share_selects_from_that_share_only(class_embeddings, mode):
     assert not set(np.concatenate(whole)) <= set(typical)
 
 
-def test_the_typical_share_reaches_every_grid_method_but_random_real():
+def test_the_typical_share_reaches_the_selection_methods_not_the_random_baselines():
     from gridistill.cli import build_parser, config_from_args
     from gridistill.flows.dag import Setup, build_dag
     from gridistill.stages import ArtifactRef
 
     config = config_from_args(build_parser().parse_args(
-        ["run", "--typical-share", "0.5", "--methods", "ssdim", "random", "random-real"]))
+        ["run", "--typical-share", "0.5", "--methods", "ssdim", "herding", "random",
+         "random-real"]))
     dataset = ArtifactRef(stage="dataset", scope="all", key="k", folder="dataset/k",
                           meta={"classes": [], "num_classes": 10})
     nodes = {node.label: node for node in build_dag(config).nodes}
     shares = {method: nodes[f"select:{method}"].bind(Setup(config, "cpu"), dataset)[1]
-              .typical_share for method in ("ssdim", "random", "random-real")}
-    assert shares == {"ssdim": 0.5, "random": 0.5, "random-real": 1.0}
+              .typical_share for method in ("ssdim", "herding", "random", "random-real")}
+    assert shares == {"ssdim": 0.5, "herding": 0.5, "random": 1.0, "random-real": 1.0}
     assert "most typical 50%" in config.report_summary("efficientnet-lite0", False)["grid"]
