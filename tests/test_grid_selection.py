@@ -68,25 +68,34 @@ def test_unknown_names_are_refused(class_embeddings):
         select_grids("best", class_embeddings, 1, 4)
 
 
-def test_ssdim_weights_go_from_the_command_line_to_ssdims_selector_only(class_embeddings):
-    """``gridistill run --coverage-weight 0 --logdet-weight 0 --spectral-weight 1``: the select
-    node of SSDIM gets those weights and selects with them; other methods' nodes get none."""
+def select_params_from_cli(options: list[str], methods: list[str]):
+    """``gridistill run OPTIONS --methods METHODS``: its config and each method's SelectParams,
+    as the DAG's select nodes bind them."""
     from gridistill.cli import build_parser, config_from_args
     from gridistill.flows.dag import Setup, build_dag
-    from gridistill.select_options import SsdimWeights
     from gridistill.stages import ArtifactRef
-    from gridistill.tasks.select import selector_for
-    from gridistill.tasks.ssdim import ssdim
 
-    config = config_from_args(build_parser().parse_args(
-        ["run", "--coverage-weight", "0", "--logdet-weight", "0", "--spectral-weight", "1",
-         "--methods", "ssdim", "herding"]))
+    config = config_from_args(build_parser().parse_args(["run", *options, "--methods",
+                                                         *methods]))
     dataset = ArtifactRef(stage="dataset", scope="all", key="k", folder="dataset/k",
                           meta={"classes": [], "num_classes": 10})
     nodes = {node.label: node for node in build_dag(config).nodes}
     setup = Setup(config, "cpu")
-    _, ssdim_params = nodes["select:ssdim"].bind(setup, dataset)
-    _, herding_params = nodes["select:herding"].bind(setup, dataset)
+    return config, {method: nodes[f"select:{method}"].bind(setup, dataset)[1]
+                    for method in methods}
+
+
+def test_ssdim_weights_go_from_the_command_line_to_ssdims_selector_only(class_embeddings):
+    """``gridistill run --coverage-weight 0 --logdet-weight 0 --spectral-weight 1``: the select
+    node of SSDIM gets those weights and selects with them; other methods' nodes get none."""
+    from gridistill.select_options import SsdimWeights
+    from gridistill.tasks.select import selector_for
+    from gridistill.tasks.ssdim import ssdim
+
+    _, params = select_params_from_cli(
+        ["--coverage-weight", "0", "--logdet-weight", "0", "--spectral-weight", "1"],
+        ["ssdim", "herding"])
+    ssdim_params, herding_params = params["ssdim"], params["herding"]
     assert ssdim_params.weights == SsdimWeights(coverage_weight=0, logdet_weight=0,
                                                 spectral_weight=1)
     assert herding_params.weights is None and selector_for(herding_params) == "herding"
@@ -137,17 +146,8 @@ def test_a_typical_share_selects_from_that_share_only(class_embeddings, mode):
 
 
 def test_the_typical_share_reaches_the_selection_methods_not_the_random_baselines():
-    from gridistill.cli import build_parser, config_from_args
-    from gridistill.flows.dag import Setup, build_dag
-    from gridistill.stages import ArtifactRef
-
-    config = config_from_args(build_parser().parse_args(
-        ["run", "--typical-share", "0.5", "--methods", "ssdim", "herding", "random",
-         "random-real"]))
-    dataset = ArtifactRef(stage="dataset", scope="all", key="k", folder="dataset/k",
-                          meta={"classes": [], "num_classes": 10})
-    nodes = {node.label: node for node in build_dag(config).nodes}
-    shares = {method: nodes[f"select:{method}"].bind(Setup(config, "cpu"), dataset)[1]
-              .typical_share for method in ("ssdim", "herding", "random", "random-real")}
+    config, params = select_params_from_cli(["--typical-share", "0.5"],
+                                            ["ssdim", "herding", "random", "random-real"])
+    shares = {method: select.typical_share for method, select in params.items()}
     assert shares == {"ssdim": 0.5, "herding": 0.5, "random": 1.0, "random-real": 1.0}
     assert "most typical 50%" in config.report_summary("efficientnet-lite0", False)["grid"]
