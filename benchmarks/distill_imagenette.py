@@ -144,6 +144,13 @@ class Method:
     typical_share: float = 1.0
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def parse_method(name: str) -> Method:
     """A benchmark method by name (module docstring); fails before any work if unknown."""
     import functools
@@ -153,13 +160,13 @@ def parse_method(name: str) -> Method:
     if name in (REAL_METHOD, FULL_METHOD):
         return Method(name)
     if "@" in name:
-        base, share = name.rsplit("@", 1)
+        base, share_text = name.rsplit("@", 1)
         method = parse_method(base)
-        if method.selector is None or not 0 < float(share) <= 1:
+        share = _number(share_text)
+        if method.selector is None or share is None or not 0 < share <= 1:
             raise SystemExit(f"method {name!r}: use <grid method>@s with s in (0, 1]")
         # Which images are typical depends on the embedder, for random grids too.
-        return replace(method, name=name, uses_embeddings=True,
-                                   typical_share=float(share))
+        return replace(method, name=name, uses_embeddings=True, typical_share=share)
     if not name.endswith("-grid"):
         raise SystemExit(f"unknown method {name!r}: use {REAL_METHOD}, {FULL_METHOD}, "
                          "<selector>-grid, <selector>-joint-grid or ssdim[a,b,c]-grid")
@@ -168,7 +175,10 @@ def parse_method(name: str) -> Method:
     if selector.endswith("-joint"):
         selector, grid_selection = selector.removesuffix("-joint"), "joint"
     if selector.startswith("ssdim[") and selector.endswith("]"):
-        alpha, beta, gamma = (float(w) for w in selector[len("ssdim["):-1].split(","))
+        weights = [_number(w) for w in selector[len("ssdim["):-1].split(",")]
+        if len(weights) != 3 or None in weights:
+            raise SystemExit(f"method {name!r}: use ssdim[a,b,c]-grid with three numbers")
+        alpha, beta, gamma = weights
         if alpha == beta == gamma == 0:  # no objective: the paper's row is random grids
             return Method(name, "random", grid_selection)
         return Method(name, functools.partial(weighted_ssdim, (alpha, beta, gamma)),
