@@ -16,12 +16,16 @@ from pathlib import Path
 LOG_RECORD = re.compile(r"^(?:\d\d:\d\d:\d\d\.\d+ \| |ERROR:)", re.MULTILINE)
 LOG_PROBLEM = re.compile(r"^\S+ \| ERROR|^ERROR:|^Traceback \(most recent call last\)",
                          re.MULTILINE)
-# Prefect on SQLite (here; the compose file runs Postgres) logs a worker channel's write that
-# lost the race for SQLite's one writer, then retries it: the worker reconnects, and heartbeats
-# again 30 s later. Only these, ending in "database is locked", are tolerated.
+# Prefect on SQLite (here; the compose file runs Postgres) logs a write that lost the race for
+# SQLite's one writer, then retries it: the worker channel reconnects and heartbeats again 30 s
+# later, and docket's Retry and Perpetual log each failed attempt of a background task (marking
+# polled work queues ready, say) under "docket.dependencies" before they reschedule it. The
+# attempt that ends a task is logged by "docket.worker" and still counts. Only these records,
+# ending in "database is locked", are tolerated.
 TRANSIENT_SQLITE_ERRORS = (
     "prefect.server.api.workers - Worker channel setup failed due to a transient server error",
     "prefect.server.utilities.worker_channel - Worker channel heartbeat persistence failed",
+    "docket.dependencies - ↩ ",
 )
 
 
