@@ -23,6 +23,8 @@ definition, so two commits show what changed between them.
 
 Parameters that change how a stage runs but never what it makes are marked on their field
 with :data:`NotInKey` (``device: Annotated[str, NotInKey] = "cpu"``) and left out of the key.
+A parameter that names a weights file is marked :data:`FileInKey`: its file's contents are
+keyed too, as the dataset's images are.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from prefect.context import TaskRunContext
 from prefect.states import Completed
 from pydantic import BaseModel, Field
 
-from gridistill.storage import RunStore, content_key, validate_key_part
+from gridistill.storage import RunStore, content_key, file_digest, validate_key_part
 
 
 class _NotInKey:
@@ -56,6 +58,17 @@ class _NotInKey:
 
 NotInKey = _NotInKey()
 """``Annotated`` marker of a params field that is not part of the artifact key."""
+
+
+class _FileInKey:
+    def __repr__(self) -> str:
+        return "FileInKey"
+
+
+FileInKey = _FileInKey()
+"""``Annotated`` marker of a params field that may name a file (weights, a checkpoint): the
+key holds the file's SHA-256 beside its name, so a file replaced in place re-keys the stages
+that read it. A value that names no file (a weights tag, a hub id) is keyed as it is."""
 
 
 class StoreSpec(BaseModel):
@@ -323,14 +336,34 @@ def _non_key_fields(model: BaseModel) -> dict[str, Any]:
     return exclude
 
 
-def key_params(params: BaseModel) -> dict[str, Any]:
-    """The parameters that are part of the artifact key: all but those marked NotInKey."""
-    return params.model_dump(mode="json", exclude=_non_key_fields(params))
+def _with_file_digests(model: BaseModel, dumped: dict[str, Any],
+                       storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """``dumped`` with each FileInKey field that names a file as ``{"path", "sha256"}``."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if name not in dumped:
+            continue
+        if any(marker is FileInKey for marker in field.metadata) and isinstance(value, str):
+            if (digest := file_digest(value, storage_options)) is not None:
+                dumped[name] = {"path": value, "sha256": digest}
+        elif isinstance(value, BaseModel):
+            dumped[name] = _with_file_digests(value, dumped[name], storage_options)
+    return dumped
+
+
+def key_params(params: BaseModel, storage_options: Mapping[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """The parameters that are part of the artifact key: all but those marked NotInKey, and
+    the contents of the files that FileInKey fields name (read with ``storage_options``)."""
+    dumped = params.model_dump(mode="json", exclude=_non_key_fields(params))
+    return _with_file_digests(params, dumped, storage_options or {})
 
 
 def stage_key(stage: str, version: str, scope: str, params: BaseModel,
-              upstream: Sequence[ArtifactRef]) -> str:
-    return content_key(stage, version, scope, key_params(params), [u.key for u in upstream])
+              upstream: Sequence[ArtifactRef],
+              storage_options: Mapping[str, Any] | None = None) -> str:
+    return content_key(stage, version, scope, key_params(params, storage_options),
+                       [u.key for u in upstream])
 
 
 def stage_folder(stage: str, scope: str, key: str) -> str:
@@ -354,7 +387,7 @@ def _run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str,
                ) -> tuple[ArtifactRef, bool]:
     """The artifact, and whether it was already committed."""
     version = code_version(compute)
-    key = stage_key(stage, version, scope, params, upstream)
+    key = stage_key(stage, version, scope, params, upstream, store.storage_options)
     folder = stage_folder(stage, scope, key)
     run_store = store.open()
     log = stage_logger()
@@ -370,7 +403,7 @@ def _run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str,
     seconds = time.perf_counter() - started
     run_store.commit(folder, {
         "stage": stage, "scope": scope, "key": key, "code_version": version,
-        "code": code_definitions(compute), "params": key_params(params),
+        "code": code_definitions(compute), "params": key_params(params, store.storage_options),
         "upstream": [u.key for u in upstream], "seconds": seconds, "meta": meta,
     })
     log.info("%s[%s]: computed in %.2fs -> %s", stage, scope, seconds, run_store.url(folder))

@@ -11,6 +11,7 @@ that the next run simply rewrites.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -30,6 +31,28 @@ def content_key(*parts: Any) -> str:
     """A short, stable hash of JSON-serialisable parts (dict key order does not matter)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_digest(url: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The SHA-256 of the bytes of the file at ``url`` (a local path or an fsspec URL), or None
+    when no file is there. Hashed once per process while the file's size and time stay."""
+    fs, path = fsspec.core.url_to_fs(os.path.expanduser(url), **dict(storage_options or {}))
+    try:
+        if not fs.isfile(path):
+            return None
+        stamp = fs.ukey(path)
+    except OSError:  # no such bucket, say: the stage that opens it reports that
+        return None
+    return _digest(fs, path, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(fs: fsspec.AbstractFileSystem, path: str, stamp: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def validate_key_part(name: str) -> str:

@@ -1,10 +1,15 @@
+import hashlib
+import os
+from pathlib import Path
 from typing import Annotated
 
+import pytest
 from prefect import flow
 from pydantic import BaseModel
 
 from gridistill.stages import (
     ArtifactRef,
+    FileInKey,
     NotInKey,
     StoreSpec,
     key_params,
@@ -12,6 +17,9 @@ from gridistill.stages import (
     stage_key,
     stage_task,
 )
+from gridistill.tasks.embed import EmbedParams
+from gridistill.tasks.enhance import EnhanceParams
+from gridistill.tasks.teacher import TeacherParams
 
 
 class Params(BaseModel):
@@ -111,6 +119,56 @@ def test_the_commit_records_the_code_that_made_the_artifact(tmp_path):
     # A nested function is versioned with the top-level definition around it.
     assert f"{__name__}:test_the_commit_records_the_code_that_made_the_artifact" in commit["code"]
     assert commit["params"] == {"size": 1}
+
+
+class WithWeights(BaseModel):
+    weights: Annotated[str | None, FileInKey] = None
+    size: int = 1
+
+
+def test_a_weights_file_replaced_in_place_re_keys_and_recomputes(tmp_path):
+    weights = tmp_path / "student.pt"
+    weights.write_bytes(b"weights v1")
+    loaded = []
+
+    def compute(store, folder, scope, params, upstream):
+        loaded.append(Path(params.weights).read_bytes())
+        return {}
+
+    spec = StoreSpec(root=str(tmp_path / "runs"))
+    first = run_stage("demo", compute, spec, "alpha", WithWeights(weights=str(weights)), [])
+    assert run_stage("demo", compute, spec, "alpha", WithWeights(weights=str(weights)),
+                     []).key == first.key
+    weights.write_bytes(b"weights v2, trained longer")
+    second = run_stage("demo", compute, spec, "alpha", WithWeights(weights=str(weights)), [])
+    assert second.key != first.key and loaded == [b"weights v1", b"weights v2, trained longer"]
+    assert spec.open().read_commit(second.folder)["params"]["weights"] == {
+        "path": str(weights), "sha256": hashlib.sha256(b"weights v2, trained longer").hexdigest()}
+
+
+def test_same_bytes_under_a_new_time_keep_the_key_and_a_tag_is_keyed_as_it_is(tmp_path):
+    weights = tmp_path / "student.pt"
+    weights.write_bytes(b"weights")
+    before = key_params(WithWeights(weights=str(weights)))
+    os.utime(weights, (1, 1))
+    assert key_params(WithWeights(weights=str(weights))) == before
+    # A value that names no file (a weights tag) or no value at all is keyed as it is.
+    assert key_params(WithWeights(weights="laion2b_s34b_b79k")) == {
+        "weights": "laion2b_s34b_b79k", "size": 1}
+    assert key_params(WithWeights()) == {"weights": None, "size": 1}
+
+
+@pytest.mark.parametrize("params, field", [
+    (EmbedParams(embedder="efficientnet-lite0"), "classifier_checkpoint"),
+    (EmbedParams(embedder="clip"), "clip_pretrained"),
+    (TeacherParams(architecture="efficientnet-lite0"), "checkpoint"),
+    (EnhanceParams(backend="sd-turbo"), "noise_predictor"),
+])
+def test_every_stage_keys_the_contents_of_the_weights_it_is_given(tmp_path, params, field):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"trained")
+    keyed = key_params(params.model_copy(update={field: str(weights)}))
+    assert keyed[field] == {"path": str(weights), "sha256": hashlib.sha256(b"trained").hexdigest()}
 
 
 COMPUTED: list[int] = []
