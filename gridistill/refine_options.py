@@ -8,11 +8,12 @@ fields before anything heavy is imported. Step indices are defined in
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gridistill.distilled_sets import InputKind, Normalization, SubsetPreset
+from gridistill.key_markers import WeightsInKey
 
 
 def check_diver_parameters(*, num_steps: int, t_f: int, t_r: int | None, t_h: int, t_l: int,
@@ -36,8 +37,9 @@ class DiverOptions(BaseModel):
     # Frozen: one instance is shared as a default and travels inside task parameters.
     model_config = ConfigDict(frozen=True)
 
-    dit: str = Field("facebook/DiT-XL-2-256", description="DiT: hub id or local directory.")
-    vae: str = Field("stabilityai/sd-vae-ft-mse", description=(
+    dit: Annotated[str, WeightsInKey] = Field(
+        "facebook/DiT-XL-2-256", description="DiT: hub id or local directory.")
+    vae: Annotated[str, WeightsInKey] = Field("stabilityai/sd-vae-ft-mse", description=(
         "AutoencoderKL: hub id or local directory."))
     num_steps: int = Field(50, ge=1, description="DIVER: DDIM steps N.")
     t_f: int = Field(25, ge=0, description="DIVER: noise z0 to this step (0: no noise).")

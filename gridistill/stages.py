@@ -23,8 +23,8 @@ definition, so two commits show what changed between them.
 
 Parameters that change how a stage runs but never what it makes are marked on their field
 with :data:`NotInKey` (``device: Annotated[str, NotInKey] = "cpu"``) and left out of the key.
-A parameter that names a weights file is marked :data:`FileInKey`: its file's contents are
-keyed too, as the dataset's images are.
+A parameter that may name weights on disk (a checkpoint file, a model directory) is marked
+:data:`WeightsInKey`: their contents are keyed too, as the dataset's images are.
 """
 
 from __future__ import annotations
@@ -48,27 +48,8 @@ from prefect.context import TaskRunContext
 from prefect.states import Completed
 from pydantic import BaseModel, Field
 
-from gridistill.storage import RunStore, content_key, file_digest, validate_key_part
-
-
-class _NotInKey:
-    def __repr__(self) -> str:
-        return "NotInKey"
-
-
-NotInKey = _NotInKey()
-"""``Annotated`` marker of a params field that is not part of the artifact key."""
-
-
-class _FileInKey:
-    def __repr__(self) -> str:
-        return "FileInKey"
-
-
-FileInKey = _FileInKey()
-"""``Annotated`` marker of a params field that may name a file (weights, a checkpoint): the
-key holds the file's SHA-256 beside its name, so a file replaced in place re-keys the stages
-that read it. A value that names no file (a weights tag, a hub id) is keyed as it is."""
+from gridistill.key_markers import NotInKey, WeightsInKey
+from gridistill.storage import RunStore, content_key, validate_key_part, weights_digest
 
 
 class StoreSpec(BaseModel):
@@ -336,27 +317,28 @@ def _non_key_fields(model: BaseModel) -> dict[str, Any]:
     return exclude
 
 
-def _with_file_digests(model: BaseModel, dumped: dict[str, Any],
-                       storage_options: Mapping[str, Any]) -> dict[str, Any]:
-    """``dumped`` with each FileInKey field that names a file as ``{"path", "sha256"}``."""
+def _with_weights_digests(model: BaseModel, dumped: dict[str, Any],
+                          storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """``dumped`` with each WeightsInKey field that names weights on disk as
+    ``{"path", "sha256"}``."""
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if name not in dumped:
             continue
-        if any(marker is FileInKey for marker in field.metadata) and isinstance(value, str):
-            if (digest := file_digest(value, storage_options)) is not None:
+        if any(marker is WeightsInKey for marker in field.metadata) and isinstance(value, str):
+            if (digest := weights_digest(value, storage_options)) is not None:
                 dumped[name] = {"path": value, "sha256": digest}
         elif isinstance(value, BaseModel):
-            dumped[name] = _with_file_digests(value, dumped[name], storage_options)
+            dumped[name] = _with_weights_digests(value, dumped[name], storage_options)
     return dumped
 
 
 def key_params(params: BaseModel, storage_options: Mapping[str, Any] | None = None
                ) -> dict[str, Any]:
     """The parameters that are part of the artifact key: all but those marked NotInKey, and
-    the contents of the files that FileInKey fields name (read with ``storage_options``)."""
+    the contents of the weights that WeightsInKey fields name (read with ``storage_options``)."""
     dumped = params.model_dump(mode="json", exclude=_non_key_fields(params))
-    return _with_file_digests(params, dumped, storage_options or {})
+    return _with_weights_digests(params, dumped, storage_options or {})
 
 
 def stage_key(stage: str, version: str, scope: str, params: BaseModel,

@@ -33,20 +33,31 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def file_digest(url: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """The SHA-256 of the bytes of the file at ``url`` (a local path or an fsspec URL), or None
-    when no file is there. Hashed once per process while the file's size and time stay."""
+def weights_digest(url: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The SHA-256 of the weights at ``url`` (a local path or an fsspec URL), or None when
+    nothing is there: of a file's bytes, or of a directory's files (a diffusers model folder),
+    each by its path inside the directory and its own SHA-256. Entries whose name starts with
+    a dot (``.cache/huggingface`` download records, say) are left out: they change when a
+    download is repeated, the weights do not. Each file is hashed once per process while its
+    size and time stay."""
     fs, path = fsspec.core.url_to_fs(os.path.expanduser(url), **dict(storage_options or {}))
     try:
-        if not fs.isfile(path):
+        if fs.isfile(path):
+            return _digest(fs, path, fs.ukey(path))
+        if not fs.isdir(path):
             return None
-        stamp = fs.ukey(path)
+        root = path.rstrip("/") + "/"
+        listing = []
+        for found in sorted(fs.find(path)):
+            inside = found[len(root):]
+            if not any(part.startswith(".") for part in inside.split("/")):
+                listing.append((inside, _digest(fs, found, fs.ukey(found))))
     except OSError:  # no such bucket, say: the stage that opens it reports that
         return None
-    return _digest(fs, path, stamp)
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)
 def _digest(fs: fsspec.AbstractFileSystem, path: str, stamp: str) -> str:
     digest = hashlib.sha256()
     with fs.open(path, "rb") as f:

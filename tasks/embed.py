@@ -42,7 +42,7 @@ from gridistill.models import (
     load_imagenet_classifier,
 )
 from gridistill.resources import BatchLimit, run_in_batches
-from gridistill.stages import ArtifactRef, FileInKey, NotInKey, stage_task
+from gridistill.stages import ArtifactRef, NotInKey, WeightsInKey, stage_task
 from gridistill.storage import RunStore
 from gridistill.tasks.ingest import read_image
 from gridistill.tasks.load import no_usable_images, record_skipped
@@ -364,9 +364,9 @@ def embed_files(choice: EmbedderChoice, paths: Sequence[str], *,
 class EmbedParams(BaseModel):
     embedder: str  # resolved by the flow: one of EMBEDDERS but "auto" (see flow)
     clip_model: str = "ViT-B-32"
-    clip_pretrained: Annotated[str, FileInKey] = "laion2b_s34b_b79k"  # a tag or a file
+    clip_pretrained: Annotated[str, WeightsInKey] = "laion2b_s34b_b79k"  # a tag or a file
     # Replaces the packaged efficientnet-lite0 weights.
-    classifier_checkpoint: Annotated[str | None, FileInKey] = None
+    classifier_checkpoint: Annotated[str | None, WeightsInKey] = None
     device: Annotated[str, NotInKey] = "cpu"
     batch_size: Annotated[int, NotInKey] = 64
     # Decode processes; None: default_num_workers(device).

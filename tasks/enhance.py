@@ -419,7 +419,7 @@ from typing import Annotated, Any  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from gridistill.models import cached_model  # noqa: E402
-from gridistill.stages import ArtifactRef, FileInKey, NotInKey, stage_task  # noqa: E402
+from gridistill.stages import ArtifactRef, NotInKey, WeightsInKey, stage_task  # noqa: E402
 from gridistill.storage import RunStore  # noqa: E402
 from gridistill.tasks.grids import (  # noqa: E402
     pil_to_tensor,
@@ -434,10 +434,10 @@ class EnhanceParams(BaseModel):
     scale: int = 4
     seed: int = 0
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    sd_turbo: str = "stabilityai/sd-turbo"
+    sd_turbo: Annotated[str, WeightsInKey] = "stabilityai/sd-turbo"
     timestep: int = 200
     colour_fix: str | None = None
-    noise_predictor: Annotated[str | None, FileInKey] = None
+    noise_predictor: Annotated[str | None, WeightsInKey] = None
     device: Annotated[str, NotInKey] = "cpu"
     progress: Annotated[bool, NotInKey] = True
 

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel
 
-from gridistill.stages import ArtifactRef, FileInKey, NotInKey, stage_logger, stage_task
+from gridistill.stages import ArtifactRef, NotInKey, WeightsInKey, stage_logger, stage_task
 from gridistill.storage import RunStore
 from gridistill.tasks.embed import ImageFiles, default_num_workers, image_loader
 from gridistill.tasks.index import class_names
@@ -81,7 +81,7 @@ class TeacherParams(BaseModel):
     # `checkpoint`), or a student architecture trained on the train split (or loaded from
     # `checkpoint`).
     architecture: str = "resnet18"
-    checkpoint: Annotated[str | None, FileInKey] = None
+    checkpoint: Annotated[str | None, WeightsInKey] = None
     protocol: str = "cpu-small"  # a hard-label preset trains the teacher
     image_size: int = 64
     test_image_size: int | None = None  # where its top-1 is measured (None: image_size)

@@ -7,11 +7,12 @@ import pytest
 from prefect import flow
 from pydantic import BaseModel
 
+from gridistill.refine_options import DiverOptions
 from gridistill.stages import (
     ArtifactRef,
-    FileInKey,
     NotInKey,
     StoreSpec,
+    WeightsInKey,
     key_params,
     run_stage,
     stage_key,
@@ -19,6 +20,7 @@ from gridistill.stages import (
 )
 from gridistill.tasks.embed import EmbedParams
 from gridistill.tasks.enhance import EnhanceParams
+from gridistill.tasks.refine import RefineParams
 from gridistill.tasks.teacher import TeacherParams
 
 
@@ -122,7 +124,7 @@ def test_the_commit_records_the_code_that_made_the_artifact(tmp_path):
 
 
 class WithWeights(BaseModel):
-    weights: Annotated[str | None, FileInKey] = None
+    weights: Annotated[str | None, WeightsInKey] = None
     size: int = 1
 
 
@@ -169,6 +171,47 @@ def test_every_stage_keys_the_contents_of_the_weights_it_is_given(tmp_path, para
     weights.write_bytes(b"trained")
     keyed = key_params(params.model_copy(update={field: str(weights)}))
     assert keyed[field] == {"path": str(weights), "sha256": hashlib.sha256(b"trained").hexdigest()}
+
+
+def write_model_dir(root: Path, unet: bytes) -> Path:
+    """A diffusers-style model folder, with the download records a hub download leaves."""
+    (root / "unet").mkdir(parents=True)
+    (root / "model_index.json").write_text('{"_class_name": "Pipeline"}')
+    (root / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(unet)
+    (root / ".cache" / "huggingface").mkdir(parents=True)
+    (root / ".cache" / "huggingface" / "download.metadata").write_text("etag, time")
+    return root
+
+
+def test_a_model_directory_is_keyed_by_its_files_not_its_download_records(tmp_path):
+    model = write_model_dir(tmp_path / "sd-turbo", b"unet v1")
+    params = EnhanceParams(backend="sd-turbo", sd_turbo=str(model))
+    before = key_params(params)["sd_turbo"]
+    assert before["path"] == str(model) and len(before["sha256"]) == 64
+    # Download records and file times are not the weights.
+    (model / ".cache" / "huggingface" / "download.metadata").write_text("etag, later time")
+    os.utime(model / "model_index.json", (1, 1))
+    assert key_params(params)["sd_turbo"] == before
+    # A weights file rewritten, or a file added, is.
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"unet v2")
+    rewritten = key_params(params)["sd_turbo"]
+    (model / "unet" / "config.json").write_text("{}")
+    added = key_params(params)["sd_turbo"]
+    assert len({before["sha256"], rewritten["sha256"], added["sha256"]}) == 3
+    # The same files in another folder are the same weights under another name.
+    copy = write_model_dir(tmp_path / "copy", b"unet v2")
+    (copy / "unet" / "config.json").write_text("{}")
+    assert key_params(EnhanceParams(sd_turbo=str(copy)))["sd_turbo"]["sha256"] == added["sha256"]
+
+
+def test_the_refine_stage_keys_its_dit_and_vae_directories(tmp_path):
+    dit = write_model_dir(tmp_path / "dit", b"dit")
+    vae = write_model_dir(tmp_path / "vae", b"vae")
+    keyed = key_params(RefineParams(diver=DiverOptions(dit=str(dit), vae=str(vae))))["diver"]
+    assert keyed["dit"]["path"] == str(dit) and keyed["vae"]["path"] == str(vae)
+    assert keyed["dit"]["sha256"] != keyed["vae"]["sha256"]
+    # Hub ids name nothing on disk: keyed as they are.
+    assert key_params(RefineParams())["diver"]["dit"] == "facebook/DiT-XL-2-256"
 
 
 COMPUTED: list[int] = []
