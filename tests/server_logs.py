@@ -18,15 +18,19 @@ LOG_PROBLEM = re.compile(r"^\S+ \| ERROR|^ERROR:|^Traceback \(most recent call l
                          re.MULTILINE)
 # Prefect on SQLite (here; the compose file runs Postgres) logs a write that lost the race for
 # SQLite's one writer, then retries it: the worker channel reconnects and heartbeats again 30 s
-# later, and docket's Retry and Perpetual log each failed attempt of a background task (marking
-# polled work queues ready, say) under "docket.dependencies" before they reschedule it. The
-# attempt that ends a task is logged by "docket.worker" and still counts. Only these records,
-# ending in "database is locked", are tolerated.
-TRANSIENT_SQLITE_ERRORS = (
-    "prefect.server.api.workers - Worker channel setup failed due to a transient server error",
-    "prefect.server.utilities.worker_channel - Worker channel heartbeat persistence failed",
-    "docket.dependencies - ↩ ",
-)
+# later, docket's Retry and Perpetual log each failed attempt of a background task (marking
+# polled work queues ready, say) under "docket.dependencies" before they reschedule it, and the
+# task-run recorder puts a batch it could not flush back on its queue (it logs "Dropping event"
+# for one it gives up on, and that still counts). The attempt that ends a docket task is logged
+# by "docket.worker" and still counts. Only these records, ending in "database is locked", are
+# tolerated.
+TRANSIENT_SQLITE_ERRORS = re.compile("|".join((
+    r"prefect\.server\.api\.workers - Worker channel setup failed due to a transient server error",
+    r"prefect\.server\.utilities\.worker_channel - Worker channel heartbeat persistence failed",
+    r"docket\.dependencies - ↩ ",
+    r"prefect\.server\.services\.task_run_recorder - Error flushing \d+ events "
+    r"\(\d+ to retry, 0 dropped\)",
+)))
 
 
 def server_log_problem(log: Path) -> str | None:
@@ -36,7 +40,7 @@ def server_log_problem(log: Path) -> str | None:
     starts = [0, *(match.start() for match in LOG_RECORD.finditer(text)), len(text)]
     for start, end in itertools.pairwise(starts):
         record = text[start:end]
-        transient = (any(message in record for message in TRANSIENT_SQLITE_ERRORS)
+        transient = (TRANSIENT_SQLITE_ERRORS.search(record) is not None
                      and "(sqlite3.OperationalError) database is locked" in record)
         if LOG_PROBLEM.search(record) and not transient:
             return record[:4000]

@@ -25,6 +25,8 @@ def problem_in(tmp_path: Path, *records: str) -> str | None:
 @pytest.mark.parametrize("logger, message", [
     ("docket.dependencies", "↩ [ 60280ms] mark_work_queues_ready(polled_work_queue_ids=...)"),
     ("prefect.server.utilities.worker_channel", "Worker channel heartbeat persistence failed"),
+    ("prefect.server.services.task_run_recorder",
+     "Error flushing 1 events (1 to retry, 0 dropped)"),
 ])
 def test_a_retried_write_that_sqlite_locked_out_is_tolerated(
         tmp_path: Path, logger: str, message: str) -> None:
@@ -37,6 +39,11 @@ def test_a_retried_write_that_sqlite_locked_out_is_tolerated(
     # A retried attempt that failed for another reason than the lock.
     ("docket.dependencies", "↩ [ 12ms] mark_work_queues_ready(...)", "KeyError: 'id'\n"),
     ("prefect.server.services.scheduler", "Unexpected error in: Scheduler", LOCKED),
+    # The recorder gave up on some of the batch's events.
+    ("prefect.server.services.task_run_recorder", "Error flushing 3 events (1 to retry, 2 dropped)",
+     LOCKED),
+    ("prefect.server.services.task_run_recorder", "Dropping event 5f1c after 4 failed attempts",
+     LOCKED),
 ])
 def test_any_other_error_record_is_reported(
         tmp_path: Path, logger: str, message: str, error: str) -> None:
