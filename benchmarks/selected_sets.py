@@ -7,7 +7,8 @@ per method, averaged over the classes: seconds per class, the SSDIM objective of
 grid (the paper's weights) and each of its terms, and of all ``IPC x L^2`` selected images:
 the mean cosine to the class centroid (how typical they are), the mean cosine of each to its
 nearest other selected image (how redundant they are), the mean over the class of each
-image's largest cosine to a selected one (how well they cover the class), and how many the
+image's largest cosine to a selected one (how well they cover the class), the same over the
+class's most typical half (the images ``@0.5`` selects from), and how many the
 default solver (``ssdim``, ``solver="fw"``, one grid after another) also selects. ``@s``: from
 each class's most typical share ``s`` only (``select_grids(..., typical_share=s)``).
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gridistill.tasks.grid_layout import select_grids
+from gridistill.tasks.grid_layout import most_typical, select_grids
 from gridistill.tasks.selectors import weighted_ssdim
 from gridistill.tasks.ssdim import normalise_embeddings, ssdim, ssdim_objective, ssdim_terms
 
@@ -49,6 +50,7 @@ def methods() -> dict[str, tuple[object, str, float]]:
         "kmeans-joint": ("kmeans", "joint", 1.0),
         **{f"{name} @{share:g}": (name, "sequential", share)
            for share in (0.5, 0.3) for name in ("random", "ssdim")},
+        **{f"{name}-joint @0.5": (name, "joint", 0.5) for name in ("ssdim", "facility", "kmeans")},
     }
 
 
@@ -70,6 +72,7 @@ def main() -> None:
         unit = normalise_embeddings(classes[name])
         kernel = unit.astype(np.float64) @ unit.T.astype(np.float64)
         centroid = unit.mean(axis=0) / np.linalg.norm(unit.mean(axis=0))
+        typical_half = most_typical(unit, 0.5, args.ipc * cells)
         chosen = {}
         for method, (selector, grid_selection, share) in methods().items():
             started = time.perf_counter()
@@ -84,20 +87,22 @@ def main() -> None:
                                  terms["logdet"], terms["spectral"],
                                  float((unit[selected] @ centroid).mean()),
                                  float(among.max(axis=1).mean()),
-                                 float(kernel[:, selected].max(axis=1).mean())])
+                                 float(kernel[:, selected].max(axis=1).mean()),
+                                 float(kernel[typical_half][:, selected].max(axis=1).mean())])
         for method in methods():
             shared = np.intersect1d(chosen[method], chosen["ssdim (fw, default)"]).size
             rows[method][-1].append(shared)
     print(f"# {path.name}: {len(classes.files)} classes, IPC {args.ipc}, {cells} images a grid,"
           f" grids one after another unless -joint; means over the classes")
     print("| method | s / class | F (grid 1) | coverage | log-det | spectral | centroid cos |"
-          " nearest selected cos | class coverage |"
+          " nearest selected cos | class coverage | typical-half coverage |"
           f" shared with ssdim (of {args.ipc * cells}) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, values in rows.items():
         mean = np.mean(values, axis=0)
         print(f"| {method} | {mean[0]:.2f} | {mean[1]:.1f} | {mean[2]:.1f} | {mean[3]:.1f} | "
-              f"{mean[4]:.2f} | {mean[5]:.3f} | {mean[6]:.3f} | {mean[7]:.3f} | {mean[8]:.0f} |")
+              f"{mean[4]:.2f} | {mean[5]:.3f} | {mean[6]:.3f} | {mean[7]:.3f} | {mean[8]:.3f} | "
+              f"{mean[9]:.0f} |")
 
 
 if __name__ == "__main__":
