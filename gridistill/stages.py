@@ -18,7 +18,11 @@ gives back with docstrings stripped. So comments, docstrings and formatting neve
 artifact, nor does moving unchanged code to another module, while a change to a helper in
 another module (a crop, a model's preprocessing) re-keys exactly the stages that reach it.
 Type annotations are not followed (they are never evaluated), nor is library code: a new
-library version does not re-key anything. The commit marker lists the hash of each
+library version does not re-key anything, since re-keying every ImageNet embedding on each
+patch release of torch would cost more than the float rounding it guards against. Instead the
+commit marker records the versions of the numeric libraries (:data:`NUMERIC_LIBRARIES`), and
+reusing an artifact made under other versions logs a warning that names them (once per stage
+and change, per process); ``force`` remakes it. The marker also lists the hash of each
 definition, so two commits show what changed between them.
 
 Parameters that change how a stage runs but never what it makes are marked on their field
@@ -33,6 +37,7 @@ import ast
 import copy
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -304,6 +309,53 @@ def code_version(compute: Callable[..., Any]) -> str:
     return _version(code_definitions(compute))
 
 
+# -- library versions --------------------------------------------------------------------------
+# The distributions whose numerics go into the artifacts (decoding, resizing, the networks, the
+# solvers); recorded in every commit marker and compared when an artifact is reused.
+NUMERIC_LIBRARIES = ("numpy", "scipy", "pillow", "torch", "torchvision", "timm", "diffusers",
+                     "transformers")
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """The installed version of each of :data:`NUMERIC_LIBRARIES` (those not installed are
+    left out)."""
+    versions = {}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def changed_libraries(recorded: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``{library: (version recorded, version installed)}`` for each recorded library whose
+    installed version differs ("not installed" when it is gone). A marker written before the
+    versions were recorded has none, so nothing differs."""
+    installed = library_versions()
+    return {name: (version, installed.get(name, "not installed"))
+            for name, version in sorted(recorded.items())
+            if installed.get(name) != version}
+
+
+_WARNED_LIBRARY_CHANGES: set[tuple[str, tuple[tuple[str, tuple[str, str]], ...]]] = set()
+
+
+def _warn_if_made_under_other_libraries(stage: str, scope: str, url: str,
+                                        recorded: Mapping[str, str]) -> None:
+    changes = changed_libraries(recorded)
+    if not changes or (stage, tuple(changes.items())) in _WARNED_LIBRARY_CHANGES:
+        return
+    _WARNED_LIBRARY_CHANGES.add((stage, tuple(changes.items())))
+    listed = ", ".join(f"{name} {then} (now {now})" for name, (then, now) in changes.items())
+    stage_logger().warning(
+        "%s[%s]: reusing %s, made with %s; its numbers may differ in rounding from a fresh "
+        "run. A forced rerun from this stage (--force-from, or a rerun in the UI) remakes it "
+        "with the installed versions. Said once per stage and change.", stage, scope, url,
+        listed)
+
+
 # -- keys --------------------------------------------------------------------------------------
 def _non_key_fields(model: BaseModel) -> dict[str, Any]:
     """Pydantic's ``exclude`` for the fields marked NotInKey, also in nested models."""
@@ -377,6 +429,8 @@ def _run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str,
         run_store.uncommit(folder)
     elif (committed := run_store.commit_if_any(folder)) is not None:
         log.info("%s[%s]: reusing %s", stage, scope, run_store.url(folder))
+        _warn_if_made_under_other_libraries(stage, scope, run_store.url(folder),
+                                            committed.get("libraries", {}))
         return ArtifactRef(stage=stage, scope=scope, key=key, folder=folder,
                            meta=committed.get("meta", {}),
                            seconds=committed.get("seconds", 0.0)), True
@@ -385,7 +439,8 @@ def _run_stage(stage: str, compute: StageCompute, store: StoreSpec, scope: str,
     seconds = time.perf_counter() - started
     run_store.commit(folder, {
         "stage": stage, "scope": scope, "key": key, "code_version": version,
-        "code": code_definitions(compute), "params": key_params(params, store.storage_options),
+        "code": code_definitions(compute), "libraries": library_versions(),
+        "params": key_params(params, store.storage_options),
         "upstream": [u.key for u in upstream], "seconds": seconds, "meta": meta,
     })
     log.info("%s[%s]: computed in %.2fs -> %s", stage, scope, seconds, run_store.url(folder))

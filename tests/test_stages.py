@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import pytest
 from prefect import flow
 from pydantic import BaseModel
@@ -13,7 +14,9 @@ from gridistill.stages import (
     NotInKey,
     StoreSpec,
     WeightsInKey,
+    changed_libraries,
     key_params,
+    library_versions,
     run_stage,
     stage_key,
     stage_task,
@@ -245,3 +248,34 @@ def test_the_commit_marker_is_the_only_cache(prefect_harness, tmp_path):
     store.open().fs.rm(store.open().path(folder), recursive=True)
     assert run_counted(store)[:2] == ("Completed", {"computed": 3})
     assert counted.fn(store, "alpha", Params(), []).meta == {"computed": 3}  # outside a run
+
+
+def test_the_commit_records_the_library_versions_and_reuse_under_others_warns(
+        tmp_path, monkeypatch, caplog):
+    def compute(store, folder, scope, params, upstream):
+        return {}
+
+    spec = StoreSpec(root=str(tmp_path))
+    made = run_stage("demo", compute, spec, "alpha", Params(), [])
+    recorded = spec.open().read_commit(made.folder)["libraries"]
+    assert recorded == library_versions() and recorded["numpy"] == np.__version__
+    with caplog.at_level("WARNING", logger="gridistill"):
+        run_stage("demo", compute, spec, "alpha", Params(), [])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+    upgraded = {**recorded, "numpy": "999.0"}
+    monkeypatch.setattr("gridistill.stages.library_versions", lambda: upgraded)
+    assert changed_libraries(recorded) == {"numpy": (np.__version__, "999.0")}
+    with caplog.at_level("WARNING", logger="gridistill"):
+        reused = run_stage("demo", compute, spec, "alpha", Params(), [])
+        run_stage("demo", compute, spec, "alpha", Params(), [])  # said once
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert reused.key == made.key  # a new version warns, it does not re-key
+    assert len(warnings) == 1 and f"numpy {np.__version__} (now 999.0)" in warnings[0]
+
+
+def test_a_marker_without_library_versions_changes_nothing_and_a_removed_one_is_named(
+        monkeypatch):
+    monkeypatch.setattr("gridistill.stages.library_versions", lambda: {"numpy": "2.0"})
+    assert changed_libraries({}) == {}
+    assert changed_libraries({"numpy": "2.0", "timm": "1.0"}) == {"timm": ("1.0", "not installed")}
