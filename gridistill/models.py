@@ -9,6 +9,7 @@ random weights; a caller that has a fallback must choose it explicitly and say s
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -65,6 +66,34 @@ def resolve_diffusers_dir(source: str, what: str, how: str) -> str:
         return snapshot_download(source, local_files_only=hub_offline())
     except Exception as exc:  # hub errors come in many types; all mean "not available"
         raise MissingWeightsError(what, source, how, exc) from exc
+
+
+def hub_revision(source: str) -> str | None:
+    """The commit of hub model ``source`` that :func:`resolve_diffusers_dir` would load: the
+    cached snapshot's offline, the hub's newest online. None when ``source`` is a local path,
+    or names nothing that can be had (the stage that loads it raises the missing-weights
+    error)."""
+    if Path(source).expanduser().exists():
+        return None
+    if not hub_offline():
+        return _newest_hub_commit(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True)).name
+    except Exception:  # hub errors come in many types; all mean "not available"
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _newest_hub_commit(source: str) -> str | None:
+    # One request per model and process: every class's key asks.
+    from huggingface_hub import model_info
+
+    try:
+        return model_info(source).sha
+    except Exception:  # as above
+        return None
 
 
 # -- CLIP (open_clip) ----------------------------------------------------------------------

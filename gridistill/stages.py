@@ -28,7 +28,8 @@ definition, so two commits show what changed between them.
 Parameters that change how a stage runs but never what it makes are marked on their field
 with :data:`NotInKey` (``device: Annotated[str, NotInKey] = "cpu"``) and left out of the key.
 A parameter that may name weights on disk (a checkpoint file, a model directory) is marked
-:data:`WeightsInKey`: their contents are keyed too, as the dataset's images are.
+:data:`WeightsInKey`: their contents are keyed too, as the dataset's images are, and a hub id
+is keyed with the commit it resolves to.
 """
 
 from __future__ import annotations
@@ -372,7 +373,10 @@ def _non_key_fields(model: BaseModel) -> dict[str, Any]:
 def _with_weights_digests(model: BaseModel, dumped: dict[str, Any],
                           storage_options: Mapping[str, Any]) -> dict[str, Any]:
     """``dumped`` with each WeightsInKey field that names weights on disk as
-    ``{"path", "sha256"}``."""
+    ``{"path", "sha256"}``, and each that names a hub model as ``{"hub_id", "revision"}`` (the
+    commit that would be loaded, so that a new upload re-keys)."""
+    from gridistill.models import hub_revision
+
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if name not in dumped:
@@ -380,6 +384,8 @@ def _with_weights_digests(model: BaseModel, dumped: dict[str, Any],
         if any(marker is WeightsInKey for marker in field.metadata) and isinstance(value, str):
             if (digest := weights_digest(value, storage_options)) is not None:
                 dumped[name] = {"path": value, "sha256": digest}
+            elif (revision := hub_revision(value)) is not None:
+                dumped[name] = {"hub_id": value, "revision": revision}
         elif isinstance(value, BaseModel):
             dumped[name] = _with_weights_digests(value, dumped[name], storage_options)
     return dumped

@@ -207,13 +207,16 @@ def test_a_model_directory_is_keyed_by_its_files_not_its_download_records(tmp_pa
     assert key_params(EnhanceParams(sd_turbo=str(copy)))["sd_turbo"]["sha256"] == added["sha256"]
 
 
-def test_the_refine_stage_keys_its_dit_and_vae_directories(tmp_path):
+def test_the_refine_stage_keys_its_dit_and_vae_directories(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     dit = write_model_dir(tmp_path / "dit", b"dit")
     vae = write_model_dir(tmp_path / "vae", b"vae")
     keyed = key_params(RefineParams(diver=DiverOptions(dit=str(dit), vae=str(vae))))["diver"]
     assert keyed["dit"]["path"] == str(dit) and keyed["vae"]["path"] == str(vae)
     assert keyed["dit"]["sha256"] != keyed["vae"]["sha256"]
-    # Hub ids name nothing on disk: keyed as they are.
+    # Hub ids that resolve to nothing (an empty cache, offline): keyed as they are.
     assert key_params(RefineParams())["diver"]["dit"] == "facebook/DiT-XL-2-256"
 
 
@@ -279,3 +282,25 @@ def test_a_marker_without_library_versions_changes_nothing_and_a_removed_one_is_
     monkeypatch.setattr("gridistill.stages.library_versions", lambda: {"numpy": "2.0"})
     assert changed_libraries({}) == {}
     assert changed_libraries({"numpy": "2.0", "timm": "1.0"}) == {"timm": ("1.0", "not installed")}
+
+
+def fake_hub_cache(cache: Path, repo_id: str, commit: str) -> None:
+    """The Hugging Face cache's layout for one model at one commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "model_index.json").write_text("{}")
+
+
+def test_a_hub_id_is_keyed_by_the_commit_the_cache_resolves_it_to(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    first, second = "a" * 40, "b" * 40
+    fake_hub_cache(tmp_path, "facebook/DiT-XL-2-256", first)
+    keyed = key_params(RefineParams())["diver"]
+    assert keyed["dit"] == {"hub_id": "facebook/DiT-XL-2-256", "revision": first}
+    assert keyed["vae"] == "stabilityai/sd-vae-ft-mse"  # not in this cache: keyed as it is
+    fake_hub_cache(tmp_path, "facebook/DiT-XL-2-256", second)  # a newer upload, downloaded
+    assert key_params(RefineParams())["diver"]["dit"]["revision"] == second
